@@ -1,0 +1,61 @@
+"""Collectives the losses need, as no-ops when torch.distributed is not initialised."""
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True when a torch.distributed process group with more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Sizes of every rank's local batch, in rank order, and this rank's place among them."""
+
+    sizes: List[int]
+    rank: int
+
+    @classmethod
+    def exchange(cls, local_size: int, device: torch.device) -> "BatchLayout":
+        """All-gathers the local batch sizes (a one-element tensor per rank)."""
+        if not is_distributed():
+            return cls([local_size], 0)
+        mine = torch.tensor([local_size], dtype=torch.int64, device=device)
+        everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(everyone, mine)
+        return cls([int(s) for s in torch.cat(everyone).tolist()], dist.get_rank())
+
+    @property
+    def offset(self) -> int:
+        """Global index of this rank's first row."""
+        return sum(self.sizes[: self.rank])
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    def all_gather(self, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Concatenates each tensor's rows from every rank in rank order (no autograd)."""
+        if len(self.sizes) == 1:
+            return [t.detach() for t in tensors]
+        largest = max(self.sizes)
+        gathered = []
+        for t in tensors:
+            t = t.detach().contiguous()
+            padded = t.new_zeros((largest,) + t.shape[1:])
+            padded[: t.shape[0]] = t
+            parts = [torch.empty_like(padded) for _ in self.sizes]
+            dist.all_gather(parts, padded)
+            gathered.append(torch.cat([p[:n] for p, n in zip(parts, self.sizes)]))
+        return gathered
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of t over all ranks (t itself when not distributed)."""
+    if is_distributed():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

@@ -1,0 +1,5 @@
+"""Drop-in loss modules built on avidfast.ops."""
+from avidfast.losses.avid import AVIDLoss
+from avidfast.losses.memory_bank import MemoryBank
+
+__all__ = ["AVIDLoss", "MemoryBank"]

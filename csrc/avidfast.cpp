@@ -1,0 +1,35 @@
+// Every avidfast operator schema, in one place. Kernels live in ops/cpu and ops/cuda; the Python
+// faces (argument conversion, fake kernels, autograd) live in avidfast/ops.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Lets `import avidfast._C` load this library (and so run the registrations below).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(avidfast, m) {
+  // (B,) int64 own indices, optional (B, P) sorted exclusions -> (B, K) int64 negatives drawn
+  // uniformly from {0..num_items-1} minus the row's own index and its exclusions. Counter-based:
+  // draw k of row b depends only on (seed, step, row_offset + b, k).
+  m.def(
+      "sample_negatives(Tensor pos, int num_items, int num_negatives, int seed, Tensor step, "
+      "int row_offset, Tensor? exclude) -> Tensor");
+  // x (B, D), memory (N, D), idx (B, M) -> (B, M) scores <x[b], memory[idx[b, m]]> / temperature.
+  m.def("memory_scores(Tensor x, Tensor memory, Tensor idx, float temperature) -> Tensor");
+  // grad_scores (B, M) -> (B, D) gradient of memory_scores in x (float32, or float64 for float64 grads).
+  m.def(
+      "memory_scores_backward(Tensor grad_scores, Tensor memory, Tensor idx, float temperature) "
+      "-> Tensor");
+  // Per-row NCE loss (B,) of x against its positives pos_idx (B, P) and negatives neg_idx (B, K),
+  // and its gradient in x (B, D), computed in the same pass over the memory rows.
+  m.def(
+      "nce_memory_loss(Tensor x, Tensor memory, Tensor pos_idx, Tensor neg_idx, float temperature, "
+      "Tensor partition) -> (Tensor, Tensor)");
+  // In place: memory[idx[b]] <- normalize(momentum * memory[idx[b]] + (1 - momentum) * x[b]),
+  // repeated indices applied in batch order.
+  m.def("memory_update_(Tensor(a!) memory, Tensor idx, Tensor x, float momentum) -> ()");
+}

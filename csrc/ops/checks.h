@@ -1,0 +1,38 @@
+// Argument checks shared by the CPU and CUDA kernels (host code). Each raises ValueError naming
+// the offending argument, so that bad input never reaches a kernel as an illegal access.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace avidfast {
+
+// Whether value checks that need a device-to-host copy (index ranges, sortedness, Z) run on CUDA
+// tensors. On by default; AVIDFAST_CHECK_INDICES=0 turns them off (CPU tensors are always
+// checked). The CUDA kernels bound-check every row they read either way.
+bool device_value_checks_enabled();
+
+void check_memory(const at::Tensor& memory);
+void check_embeddings(const at::Tensor& x, const char* name, const at::Tensor& memory);
+// idx: int64, `dims`-dimensional, rows == x rows, on memory's device, values in [0, num_items).
+void check_indices(const at::Tensor& idx, const char* name, int64_t dims, int64_t rows,
+                   const at::Tensor& memory);
+void check_temperature(double temperature);
+
+void check_sample_negatives(const at::Tensor& pos, int64_t num_items, int64_t num_negatives,
+                            const at::Tensor& step, int64_t row_offset,
+                            const c10::optional<at::Tensor>& exclude);
+void check_memory_scores(const at::Tensor& x, const at::Tensor& memory, const at::Tensor& idx,
+                         double temperature);
+void check_memory_scores_backward(const at::Tensor& grad_scores, const at::Tensor& memory,
+                                  const at::Tensor& idx, double temperature);
+void check_nce_memory_loss(const at::Tensor& x, const at::Tensor& memory, const at::Tensor& pos_idx,
+                           const at::Tensor& neg_idx, double temperature,
+                           const at::Tensor& partition);
+void check_memory_update(const at::Tensor& memory, const at::Tensor& idx, const at::Tensor& x,
+                         double momentum);
+
+// Dtype of scores, losses and x-gradients: float64 when x is float64, float32 otherwise.
+at::ScalarType accumulate_dtype(at::ScalarType x_dtype);
+
+}  // namespace avidfast

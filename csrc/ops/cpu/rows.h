@@ -1,0 +1,40 @@
+// Row primitives of the CPU kernels: a memory row is read once, converted to the accumulation
+// type on the fly, and used for a dot product and/or an axpy while it is in cache.
+#pragma once
+
+#include <cstdint>
+
+namespace avidfast {
+namespace cpu {
+
+// How many rows ahead of use the kernels prefetch memory rows (random rows miss every cache).
+constexpr int64_t kPrefetchRows = 6;
+
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset, 0, 0);
+}
+
+// <x, row> with acc_t accumulation in 16 independent lanes (vectorisable without -ffast-math).
+template <typename acc_t, typename mem_t>
+inline acc_t dot_row(const acc_t* x, const mem_t* row, int64_t dim) {
+  constexpr int64_t kLanes = 16;
+  acc_t lanes[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += x[d + l] * static_cast<acc_t>(row[d + l]);
+  }
+  acc_t total = 0;
+  for (; d < dim; ++d) total += x[d] * static_cast<acc_t>(row[d]);
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+// y += a * row
+template <typename acc_t, typename mem_t>
+inline void axpy_row(acc_t a, const mem_t* row, acc_t* y, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) y[d] += a * static_cast<acc_t>(row[d]);
+}
+
+}  // namespace cpu
+}  // namespace avidfast

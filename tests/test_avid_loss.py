@@ -1,0 +1,161 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from avidfast.losses import AVIDLoss, MemoryBank
+from avidfast.ops import reference
+
+TERMS = {"cross": ["v2a", "a2v"], "self": ["v2v", "a2a"], "joint": ["v2a", "a2v", "v2v", "a2a"]}
+
+
+def _plain_avid_step(state, video, audio, index, mode, num_items, k, t, m, seed, step):
+    """One AVID step written with the reference ops only: returns (loss, grads) and updates state."""
+    video = video.detach().clone().requires_grad_()
+    audio = audio.detach().clone().requires_grad_()
+    emb = {"v": F.normalize(video, dim=1), "a": F.normalize(audio, dim=1)}
+    banks = {"v": state["video"], "a": state["audio"]}
+    neg = reference.sample_negatives(index, num_items, k, seed, step)
+    if state["Z"] is None:
+        state["Z"] = [
+            reference.memory_scores(emb[term[0]].detach(), banks[term[2]], neg, t).exp().mean().item()
+            for term in TERMS[mode]
+        ]
+    terms = [
+        reference.nce_memory_loss(emb[term[0]], banks[term[2]], index, neg, t, state["Z"][i])
+        for i, term in enumerate(TERMS[mode])
+    ]
+    loss = torch.stack(terms).mean()
+    loss.backward()
+    reference.memory_update_(state["video"], index, emb["v"].detach(), m)
+    reference.memory_update_(state["audio"], index, emb["a"].detach(), m)
+    return loss.detach(), video.grad, audio.grad
+
+
+@pytest.mark.parametrize("mode", ["cross", "self", "joint"])
+def test_matches_plain_formulation_over_steps(mode):
+    num_items, k = 300, 50
+    loss_fn = AVIDLoss(num_items, dim=16, num_negatives=k, mode=mode, seed=11)
+    state = {"video": loss_fn.video_memory.memory.clone(), "audio": loss_fn.audio_memory.memory.clone(), "Z": None}
+    for step in range(3):
+        video = torch.randn(12, 16, requires_grad=True)
+        audio = torch.randn(12, 16, requires_grad=True)
+        index = torch.randperm(num_items)[:12]
+        index[5] = index[2]  # a video seen twice in one batch
+        loss, logs = loss_fn(video, audio, index)
+        loss.backward()
+        ref_loss, ref_vgrad, ref_agrad = _plain_avid_step(
+            state, video, audio, index, mode, num_items, k, 0.07, 0.5, 11, step
+        )
+        torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(video.grad, ref_vgrad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(audio.grad, ref_agrad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(loss_fn.video_memory.memory, state["video"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(loss_fn.audio_memory.memory, state["audio"], rtol=1e-6, atol=1e-6)
+        assert set(logs) == {"loss"} | {f"loss/{t}" for t in TERMS[mode]}
+    torch.testing.assert_close(loss_fn.Z, torch.tensor(state["Z"], dtype=torch.float32))
+    assert int(loss_fn.step) == 3
+
+
+def test_banks_start_normalised_seeded_and_distinct():
+    a, b = AVIDLoss(1000, dim=32, num_negatives=10, seed=4), AVIDLoss(1000, dim=32, num_negatives=10, seed=4)
+    assert torch.equal(a.video_memory.memory, b.video_memory.memory)
+    assert not torch.equal(a.video_memory.memory, a.audio_memory.memory)
+    norms = a.audio_memory.memory.norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+    c = AVIDLoss(1000, dim=32, num_negatives=10, seed=5)
+    assert not torch.equal(a.video_memory.memory, c.video_memory.memory)
+
+
+@pytest.mark.parametrize("bank_dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_banks_track_float32(bank_dtype):
+    ours = AVIDLoss(500, dim=32, num_negatives=64, bank_dtype=bank_dtype, seed=2)
+    full = AVIDLoss(500, dim=32, num_negatives=64, seed=2)
+    full.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ours.state_dict().items()})
+    video, audio, index = torch.randn(16, 32), torch.randn(16, 32), torch.randperm(500)[:16]
+    loss, _ = ours(video, audio, index)
+    loss_full, _ = full(video, audio, index)
+    assert ours.video_memory.memory.dtype == bank_dtype
+    torch.testing.assert_close(loss, loss_full, rtol=1e-2, atol=1e-2)
+
+
+def test_state_dict_resumes_exactly():
+    def batches():
+        g = torch.Generator().manual_seed(0)
+        for _ in range(4):
+            yield torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g), torch.randperm(200, generator=g)[:8]
+
+    straight = AVIDLoss(200, dim=16, num_negatives=20, seed=3)
+    losses = [straight(*batch)[0] for batch in batches()]
+
+    first = AVIDLoss(200, dim=16, num_negatives=20, seed=3)
+    resumed = AVIDLoss(200, dim=16, num_negatives=20, seed=3)
+    data = list(batches())
+    for batch in data[:2]:
+        first(*batch)
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    assert resumed._partition_ready
+    resumed_losses = [resumed(*batch)[0] for batch in data[2:]]
+    assert torch.equal(torch.stack(resumed_losses), torch.stack(losses[2:]))
+    assert torch.equal(resumed.video_memory.memory, straight.video_memory.memory)
+    assert set(straight.state_dict()) == {"video_memory.memory", "audio_memory.memory", "Z", "step"}
+
+
+def test_torch_compile_of_a_training_step():
+    torch._dynamo.reset()
+    encoder = torch.nn.Linear(20, 16)
+    loss_fn = AVIDLoss(100, dim=16, num_negatives=30, seed=1)
+    eager = copy.deepcopy((encoder, loss_fn))
+
+    def step(model, criterion, x, index):
+        loss, _ = criterion(model(x), model(x.flip(1)), index)
+        loss.backward()
+        return loss
+
+    compiled = torch.compile(step)
+    for _ in range(3):
+        x, index = torch.randn(6, 20), torch.randperm(100)[:6]
+        got = compiled(encoder, loss_fn, x, index)
+        expected = step(*eager, x, index)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(encoder.weight.grad, eager[0].weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss_fn.audio_memory.memory, eager[1].audio_memory.memory, rtol=1e-5, atol=1e-6)
+    assert int(loss_fn.step) == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(mode="both"), "mode must be one of"),
+        (dict(num_negatives=99), "num_negatives"),
+        (dict(num_negatives=0), "num_negatives"),
+        (dict(temperature=0), "temperature"),
+        (dict(momentum=2), "momentum"),
+        (dict(bank_dtype=torch.int8), "dtype must be one of"),
+    ],
+)
+def test_bad_configuration_raises(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AVIDLoss(100, **{"dim": 8, "num_negatives": 10, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "video, audio, index, message",
+    [
+        (torch.randn(4, 7), torch.randn(4, 8), torch.arange(4), "video_emb must be a floating"),
+        (torch.randn(4, 8), torch.randn(3, 8), torch.arange(4), "but audio_emb has 3"),
+        (torch.randn(4, 8), torch.randn(4, 8), torch.arange(3), "index must be an int64"),
+        (torch.randn(4, 8), torch.randn(4, 8), torch.tensor([0, 1, 2, 100]), "pos must lie in"),
+    ],
+)
+def test_bad_batch_raises(video, audio, index, message):
+    with pytest.raises(ValueError, match=message):
+        AVIDLoss(100, dim=8, num_negatives=10)(video, audio, index)
+
+
+def test_memory_bank_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="num_items"):
+        MemoryBank(1)
+    with pytest.raises(ValueError, match="dim"):
+        MemoryBank(10, dim=0)

@@ -1,0 +1,61 @@
+"""AVIDLoss under torch.distributed (gloo, 2 processes on this CPU)."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from avidfast.losses import AVIDLoss
+
+NUM_ITEMS, DIM, STEPS = 120, 16, 3
+
+
+def _batches(sizes):
+    g = torch.Generator().manual_seed(42)
+    out = []
+    for _ in range(STEPS):
+        total = sum(sizes)
+        index = torch.randperm(NUM_ITEMS, generator=g)[:total]
+        index[-1] = index[0]  # the same video on both ranks in one step
+        out.append((torch.randn(total, DIM, generator=g), torch.randn(total, DIM, generator=g), index))
+    return out
+
+
+def _worker(rank, world, init_file, out_dir, sizes):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        loss_fn = AVIDLoss(NUM_ITEMS, dim=DIM, num_negatives=25, seed=9)
+        start = sum(sizes[:rank])
+        losses = []
+        for video, audio, index in _batches(sizes):
+            rows = slice(start, start + sizes[rank])
+            loss, _ = loss_fn(video[rows], audio[rows], index[rows])
+            losses.append(loss.detach())
+        torch.save({"state": loss_fn.state_dict(), "losses": torch.stack(losses)}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sizes", [(6, 6), (5, 3)])
+def test_two_ranks_keep_identical_banks_equal_to_one_process(sizes):
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp, list(sizes)), nprocs=2, join=True)
+        ranks = [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=True) for r in range(2)]
+
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), f"{key} differs between ranks"
+
+    single = AVIDLoss(NUM_ITEMS, dim=DIM, num_negatives=25, seed=9)
+    single_rows = []
+    for video, audio, index in _batches(sizes):
+        _, logs = single(video, audio, index)
+        single_rows.append(logs["loss"])
+    state = ranks[0]["state"]
+    assert torch.equal(state["video_memory.memory"], single.video_memory.memory)
+    assert torch.equal(state["audio_memory.memory"], single.audio_memory.memory)
+    torch.testing.assert_close(state["Z"], single.Z)
+    # The global loss is the batch-size-weighted mean of the ranks' losses.
+    weighted = (ranks[0]["losses"] * sizes[0] + ranks[1]["losses"] * sizes[1]) / sum(sizes)
+    torch.testing.assert_close(weighted, torch.stack(single_rows), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from avidfast.ops import nce_memory_loss, reference
+from conftest import unit_rows
+
+
+def _problem(batch=7, num_items=400, dim=32, positives=1, negatives=90, memory_dtype=torch.float32, x_dtype=torch.float32):
+    memory = unit_rows(num_items, dim, memory_dtype)
+    x = unit_rows(batch, dim, x_dtype).requires_grad_()
+    pos = torch.randint(0, num_items, (batch, positives))
+    neg = torch.randint(0, num_items, (batch, negatives))
+    z = float(torch.empty(()).uniform_(0.5, 3.0))
+    return x, memory, pos, neg, z
+
+
+@pytest.mark.parametrize("positives", [1, 5])
+@pytest.mark.parametrize(
+    "memory_dtype, x_dtype, tol",
+    [
+        (torch.float32, torch.float32, 1e-5),
+        (torch.bfloat16, torch.float32, 1e-4),
+        (torch.float16, torch.float32, 1e-4),
+        (torch.float32, torch.bfloat16, 1e-4),
+    ],
+)
+def test_value_and_gradient_equal_reference(positives, memory_dtype, x_dtype, tol):
+    x, memory, pos, neg, z = _problem(positives=positives, memory_dtype=memory_dtype, x_dtype=x_dtype)
+    loss = nce_memory_loss(x, memory, pos, neg, 0.07, z)
+    (grad,) = torch.autograd.grad(loss, x)
+    # The reference sees the same rounded inputs, so only accumulation order differs.
+    x_ref = x.detach().clone().requires_grad_()
+    ref = reference.nce_memory_loss(x_ref, memory, pos, neg, 0.07, z)
+    (grad_ref,) = torch.autograd.grad(ref, x_ref)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(grad.float(), grad_ref.float(), rtol=tol * 10, atol=tol * 10 if x_dtype == torch.float32 else 2e-2)
+
+
+def test_reduction_none_and_tensor_z():
+    x, memory, pos, neg, z = _problem()
+    rows = nce_memory_loss(x, memory, pos[:, 0], neg, 0.07, torch.tensor(z), reduction="none")
+    ref = reference.nce_memory_loss(x, memory, pos, neg, 0.07, z, reduction="none")
+    assert rows.shape == (x.shape[0],)
+    torch.testing.assert_close(rows, ref, rtol=1e-5, atol=1e-5)
+    weights = torch.rand(x.shape[0])
+    (grad,) = torch.autograd.grad((rows * weights).sum(), x)
+    (grad_ref,) = torch.autograd.grad((ref * weights).sum(), x)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("positives", [1, 3])
+def test_gradcheck_float64(positives):
+    x, memory, pos, neg, z = _problem(batch=4, num_items=60, dim=10, positives=positives, negatives=12,
+                                      memory_dtype=torch.float64, x_dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: nce_memory_loss(x, memory, pos, neg, 0.2, z), (x,))
+    assert torch.autograd.gradcheck(
+        lambda x: nce_memory_loss(x, memory, pos, neg, 0.2, z, reduction="none"), (x,)
+    )
+
+
+def test_extreme_scores_stay_finite():
+    # Scores of +-1/T far beyond exp's float range must not overflow (softplus form).
+    x, memory, pos, neg, _ = _problem(dim=8)
+    loss = nce_memory_loss(x * 1000, memory, pos, neg, 0.01, 1e-30)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+def test_opcheck():
+    x, memory, pos, neg, z = _problem(batch=3, negatives=6)
+    torch.library.opcheck(
+        torch.ops.avidfast.nce_memory_loss.default, (x, memory, pos, neg, 0.07, torch.tensor(z))
+    )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(pos_idx=torch.tensor([[0], [400]])), "pos_idx must lie in"),
+        (dict(neg_idx=torch.tensor([[0, 1], [2, -1]])), "neg_idx must lie in"),
+        (dict(neg_idx=torch.empty(2, 0, dtype=torch.int64)), "at least one negative"),
+        (dict(pos_idx=torch.empty(2, 0, dtype=torch.int64)), "at least one positive"),
+        (dict(neg_idx=torch.tensor([[0, 1]])), "neg_idx has 1 rows"),
+        (dict(Z=0.0), "Z .* must be positive"),
+        (dict(Z=float("inf")), "Z .* must be positive"),
+        (dict(Z=torch.ones(2)), "one-element"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(x=torch.randn(2, 5)), "x has dim 5"),
+        (dict(reduction="sum"), "reduction"),
+    ],
+)
+def test_bad_input_raises_value_error(change, message):
+    args = dict(x=torch.randn(2, 32), memory=unit_rows(400, 32), pos_idx=torch.tensor([[0], [1]]),
+                neg_idx=torch.tensor([[2, 3], [4, 5]]), temperature=0.07, Z=1.0)
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        nce_memory_loss(**args)
