@@ -56,8 +56,11 @@ else:
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
 
 sources = _relative("csrc/*.cpp") + _relative("csrc/ops/*.cpp") + _relative("csrc/ops/cpu/*.cpp")
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-g0"]
-nvcc_flags = ["-O3", "-std=c++17", "-g0"]
+# The sources are C++17 (torch 2.11 builds extensions as C++17; `make cmake-check` compiles them
+# so). No -std flag here: BuildExtension adds the standard the installed torch's headers need
+# (C++20 from torch 2.13). -g0 drops the -g that Python's flags add (an 11 MB library otherwise).
+cxx_flags = ["-O3", "-fopenmp", "-g0"]
+nvcc_flags = ["-O3"]
 define_macros = []
 if with_cuda:
     sources += _relative("csrc/ops/cuda/*.cu")

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from avidfast.hugepages import empty_rows
 from avidfast.ops import memory_scores, memory_update_, nce_memory_loss
 
 BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -13,7 +14,7 @@ _INIT_CHUNK_ROWS = 65536
 
 def _normal_rows(num_items: int, dim: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
     """Seeded standard-normal rows, L2-normalised, built in chunks to bound temporary memory."""
-    rows = torch.empty((num_items, dim), dtype=dtype)
+    rows = empty_rows(num_items, dim, dtype)
     for start in range(0, num_items, _INIT_CHUNK_ROWS):
         stop = min(start + _INIT_CHUNK_ROWS, num_items)
         chunk = torch.randn((stop - start, dim), generator=generator, dtype=torch.float32)

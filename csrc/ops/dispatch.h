@@ -17,7 +17,7 @@ using accumulate_t = std::conditional_t<std::is_same_v<T, double>, double, float
 #define AVF_DISPATCH_X_AND_MEMORY(X_TYPE, MEM_TYPE, NAME, ...)                              \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X_TYPE, NAME, [&] {           \
     using x_t = scalar_t;                                                                   \
-    using acc_t = ::avidfast::accumulate_t<x_t>;                                            \
+    using acc_t [[maybe_unused]] = ::avidfast::accumulate_t<x_t>;                           \
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, MEM_TYPE, NAME, [&] {       \
       using mem_t = scalar_t;                                                               \
       __VA_ARGS__();                                                                        \
@@ -28,6 +28,6 @@ using accumulate_t = std::conditional_t<std::is_same_v<T, double>, double, float
 #define AVF_DISPATCH_MEMORY(MEM_TYPE, NAME, ...)                                            \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, MEM_TYPE, NAME, [&] {         \
     using mem_t = scalar_t;                                                                 \
-    using acc_t = ::avidfast::accumulate_t<mem_t>;                                          \
+    using acc_t [[maybe_unused]] = ::avidfast::accumulate_t<mem_t>;                         \
     __VA_ARGS__();                                                                          \
   })

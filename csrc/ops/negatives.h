@@ -11,16 +11,23 @@
 
 namespace avidfast {
 
-// Uniform integer in [0, n) from 64 random bits (bias below n / 2^64).
-AVF_HD uint64_t uniform_below(uint64_t seed, uint64_t step, uint64_t row, uint64_t draw, uint64_t n) {
+// Draws 2 * pair and 2 * pair + 1 of `row` at (seed, step): uniform integers in [0, n), each
+// from 64 random bits of one Philox call (bias below n / 2^64).
+AVF_HD void uniform_pair_below(uint64_t seed, uint64_t step, uint64_t row, uint64_t pair, uint64_t n,
+                               uint64_t& first, uint64_t& second) {
   const Philox4x32Out out = philox4x32_10(
-      static_cast<uint32_t>(draw >> 1), static_cast<uint32_t>(row),
+      static_cast<uint32_t>(pair), static_cast<uint32_t>(row),
       static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32),
       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  const uint64_t bits = (draw & 1)
-      ? (static_cast<uint64_t>(out.v[2]) << 32 | out.v[3])
-      : (static_cast<uint64_t>(out.v[0]) << 32 | out.v[1]);
-  return mulhi64(bits, n);
+  first = mulhi64(static_cast<uint64_t>(out.v[0]) << 32 | out.v[1], n);
+  second = mulhi64(static_cast<uint64_t>(out.v[2]) << 32 | out.v[3], n);
+}
+
+// Draw `draw` of `row` at (seed, step): a uniform integer in [0, n).
+AVF_HD uint64_t uniform_below(uint64_t seed, uint64_t step, uint64_t row, uint64_t draw, uint64_t n) {
+  uint64_t first, second;
+  uniform_pair_below(seed, step, row, draw >> 1, n, first, second);
+  return (draw & 1) ? second : first;
 }
 
 // Appends value to the sorted list out[0..n) unless it equals the last entry; returns the new n.

@@ -13,6 +13,30 @@
 namespace avidfast {
 namespace {
 
+// out[m] = <x_row, memory[idx[m]]> * inv_t for m < count.
+template <typename acc_t, typename mem_t>
+AVF_CPU_CLONES void score_rows(const acc_t* x_row, const mem_t* memory, int64_t dim,
+                               const int64_t* idx, int64_t count, acc_t inv_t, acc_t* out) {
+  for (int64_t m = 0; m < count; ++m) {
+    if (m + cpu::kPrefetchRows < count) {
+      cpu::prefetch_row(memory + idx[m + cpu::kPrefetchRows] * dim, dim * sizeof(mem_t));
+    }
+    out[m] = cpu::dot_row(x_row, memory + idx[m] * dim, dim) * inv_t;
+  }
+}
+
+// out += inv_t * sum_m weights[m] * memory[idx[m]].
+template <typename acc_t, typename mem_t, typename weight_t>
+AVF_CPU_CLONES void accumulate_rows(const weight_t* weights, const mem_t* memory, int64_t dim,
+                                    const int64_t* idx, int64_t count, acc_t inv_t, acc_t* out) {
+  for (int64_t m = 0; m < count; ++m) {
+    if (m + cpu::kPrefetchRows < count) {
+      cpu::prefetch_row(memory + idx[m + cpu::kPrefetchRows] * dim, dim * sizeof(mem_t));
+    }
+    cpu::axpy_row(static_cast<acc_t>(weights[m]) * inv_t, memory + idx[m] * dim, out, dim);
+  }
+}
+
 at::Tensor memory_scores_cpu(const at::Tensor& x, const at::Tensor& memory, const at::Tensor& idx,
                              double temperature) {
   check_memory_scores(x, memory, idx, temperature);
@@ -30,14 +54,8 @@ at::Tensor memory_scores_cpu(const at::Tensor& x, const at::Tensor& memory, cons
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> x_row(dim);
       for (int64_t b = begin; b < end; ++b) {
-        for (int64_t d = 0; d < dim; ++d) x_row[d] = static_cast<acc_t>(x_ptr[b * dim + d]);
-        const int64_t* row_idx = idx_ptr + b * count;
-        for (int64_t m = 0; m < count; ++m) {
-          if (m + cpu::kPrefetchRows < count) {
-            cpu::prefetch_row(mem_ptr + row_idx[m + cpu::kPrefetchRows] * dim, dim * sizeof(mem_t));
-          }
-          out_ptr[b * count + m] = cpu::dot_row(x_row.data(), mem_ptr + row_idx[m] * dim, dim) * inv_t;
-        }
+        cpu::convert_row(x_ptr + b * dim, x_row.data(), dim);
+        score_rows(x_row.data(), mem_ptr, dim, idx_ptr + b * count, count, inv_t, out_ptr + b * count);
       }
     });
   });
@@ -62,14 +80,8 @@ at::Tensor memory_scores_backward_cpu(const at::Tensor& grad_scores, const at::T
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        const int64_t* row_idx = idx_ptr + b * count;
-        for (int64_t m = 0; m < count; ++m) {
-          if (m + cpu::kPrefetchRows < count) {
-            cpu::prefetch_row(mem_ptr + row_idx[m + cpu::kPrefetchRows] * dim, dim * sizeof(mem_t));
-          }
-          const acc_t weight = static_cast<acc_t>(grad_ptr[b * count + m]) * inv_t;
-          cpu::axpy_row(weight, mem_ptr + row_idx[m] * dim, out_ptr + b * dim, dim);
-        }
+        accumulate_rows(grad_ptr + b * count, mem_ptr, dim, idx_ptr + b * count, count, inv_t,
+                        out_ptr + b * dim);
       }
     });
   });

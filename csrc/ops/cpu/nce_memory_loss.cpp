@@ -19,7 +19,7 @@ namespace {
 // Adds the terms of `count` rows idx[0..count) to loss and grad; `positive` picks the term,
 // `scale` multiplies each term (1/P for positives).
 template <typename acc_t, typename mem_t>
-void add_nce_terms(const acc_t* x_row, const mem_t* memory, int64_t dim, const int64_t* idx,
+AVF_CPU_CLONES void add_nce_terms(const acc_t* x_row, const mem_t* memory, int64_t dim, const int64_t* idx,
                    int64_t count, bool positive, acc_t scale, acc_t inv_t, acc_t log_kz,
                    acc_t& loss, acc_t* grad) {
   for (int64_t j = 0; j < count; ++j) {
@@ -69,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> nce_memory_loss_cpu(const at::Tensor& x,
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> x_row(dim);
       for (int64_t b = begin; b < end; ++b) {
-        for (int64_t d = 0; d < dim; ++d) x_row[d] = static_cast<acc_t>(x_ptr[b * dim + d]);
+        cpu::convert_row(x_ptr + b * dim, x_row.data(), dim);
         acc_t row_loss = 0;
         acc_t* row_grad = grad_ptr + b * dim;
         add_nce_terms(x_row.data(), mem_ptr, dim, pos_ptr + b * positives, positives, true,

@@ -4,11 +4,19 @@
 
 #include <cstdint>
 
+// Compiles the marked function for AVX-512, AVX2+FMA and baseline x86-64 and picks one at load
+// time, so that a portable build still uses the wide vector units (GCC on x86-64 only).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define AVF_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define AVF_CPU_CLONES
+#endif
+
 namespace avidfast {
 namespace cpu {
 
 // How many rows ahead of use the kernels prefetch memory rows (random rows miss every cache).
-constexpr int64_t kPrefetchRows = 6;
+constexpr int64_t kPrefetchRows = 4;
 
 inline void prefetch_row(const void* row, int64_t bytes) {
   const char* p = static_cast<const char*>(row);
@@ -28,6 +36,12 @@ inline acc_t dot_row(const acc_t* x, const mem_t* row, int64_t dim) {
   for (; d < dim; ++d) total += x[d] * static_cast<acc_t>(row[d]);
   for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
   return total;
+}
+
+// dst[0..dim) = src[0..dim) converted to the accumulation type.
+template <typename acc_t, typename src_t>
+inline void convert_row(const src_t* src, acc_t* dst, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<acc_t>(src[d]);
 }
 
 // y += a * row

@@ -35,10 +35,13 @@ at::Tensor sample_negatives_cpu(const at::Tensor& pos, int64_t num_items, int64_
       const uint64_t choices = static_cast<uint64_t>(num_items - count);
       const uint64_t row = static_cast<uint64_t>(row_offset + b);
       int64_t* out_row = out_ptr + b * num_negatives;
-      for (int64_t k = 0; k < num_negatives; ++k) {
-        const auto r = static_cast<int64_t>(
-            uniform_below(static_cast<uint64_t>(seed), step_value, row, k, choices));
-        out_row[k] = skip_excluded(r, merged.data(), count);
+      for (int64_t k = 0; k < num_negatives; k += 2) {
+        uint64_t first, second;
+        uniform_pair_below(static_cast<uint64_t>(seed), step_value, row, k >> 1, choices, first, second);
+        out_row[k] = skip_excluded(static_cast<int64_t>(first), merged.data(), count);
+        if (k + 1 < num_negatives) {
+          out_row[k + 1] = skip_excluded(static_cast<int64_t>(second), merged.data(), count);
+        }
       }
     }
   });

@@ -1,0 +1,73 @@
+# avidfast developer commands. `make test` and `make demo` work on a fresh machine with Python 3.10+.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+MAX_JOBS ?= $(shell nproc)
+BIN := $(VENV)/bin
+
+# CUDA compile check: a torch CUDA build in a venv cached outside the checkout.
+CUDA_TORCH_SPEC ?= torch==2.14.1
+CACHE_DIR ?= $(HOME)/.cache/avidfast
+CUDA_VENV ?= $(CACHE_DIR)/cuda-venv
+CUDA_BUILD ?= $(CACHE_DIR)/cuda-build
+CUDA_HOME ?= /usr/local/cuda
+CUDA_ARCHS ?= 8.0;9.0
+CMAKE_BUILD ?= .cmake-build
+
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
+
+.PHONY: help venv install test demo bench cuda-check cmake-check clean
+
+help:
+	@echo "make test         build into $(VENV) (TORCH_SPEC=$(TORCH_SPEC)) and run the whole test suite"
+	@echo "make demo         the main job: avidfast bench ops (ours vs the reference formulation)"
+	@echo "make bench        the pytest-benchmark suites in benchmarks/"
+	@echo "make cuda-check   compile every .cu against $(CUDA_TORCH_SPEC) (venv: $(CUDA_VENV))"
+	@echo "make cmake-check  configure and build the operator library with CMake"
+
+$(BIN)/.torch-ready:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH_SPEC)" setuptools wheel ninja
+	touch $@
+
+venv: $(BIN)/.torch-ready
+
+# Editable install: Python edits apply at once; C++ edits rebuild on the next make.
+$(BIN)/.avidfast-installed: $(BIN)/.torch-ready $(SOURCES)
+	MAX_JOBS=$(MAX_JOBS) $(BIN)/pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+install: $(BIN)/.avidfast-installed
+
+test: install
+	$(BIN)/python -m pytest tests
+
+demo: install
+	$(BIN)/avidfast bench ops
+
+bench: install
+	$(BIN)/python -m pytest benchmarks --benchmark-columns=median,iqr,rounds
+
+$(CUDA_VENV)/.torch-ready:
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/pip install -q "$(CUDA_TORCH_SPEC)" numpy setuptools wheel ninja
+	touch $@
+
+# Builds outside the checkout (so the CPU build in build/ is untouched), then checks that the
+# library loads, registers CUDA kernels and runs a CPU op.
+cuda-check: $(CUDA_VENV)/.torch-ready
+	AVIDFAST_CUDA=1 CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=$(MAX_JOBS) \
+	  $(CUDA_VENV)/bin/python setup.py -q build_ext --build-temp $(CUDA_BUILD)/temp --build-lib $(CUDA_BUILD)/lib
+	cp -r avidfast/*.py avidfast/ops avidfast/losses $(CUDA_BUILD)/lib/avidfast/
+	cd $(CUDA_BUILD)/lib && $(CUDA_VENV)/bin/python -c "import torch, avidfast.ops as ops; \
+	  assert ops.has_cuda_kernels(), 'no CUDA kernels registered'; \
+	  ops.sample_negatives(torch.arange(4), 100, 8, 0, 0); \
+	  print('cuda-check: every .cu compiled with nvcc for', '$(CUDA_ARCHS)', 'against torch', torch.__version__)"
+
+cmake-check: venv
+	cmake -S . -B $(CMAKE_BUILD) -DPython3_EXECUTABLE=$(abspath $(BIN)/python) -DCMAKE_BUILD_TYPE=Release
+	cmake --build $(CMAKE_BUILD) -j $(MAX_JOBS)
+	$(BIN)/python scripts/check_cmake_library.py $(CMAKE_BUILD)
+
+clean:
+	rm -rf build $(CMAKE_BUILD) avidfast/_C*.so *.egg-info

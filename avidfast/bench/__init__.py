@@ -1,0 +1,1 @@
+"""Benchmarks of avidfast against the reference implementation's formulation (`avidfast bench`)."""
