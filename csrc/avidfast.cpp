@@ -32,4 +32,12 @@ TORCH_LIBRARY(avidfast, m) {
   // In place: memory[idx[b]] <- normalize(momentum * memory[idx[b]] + (1 - momentum) * x[b]),
   // repeated indices applied in batch order.
   m.def("memory_update_(Tensor(a!) memory, Tensor idx, Tensor x, float momentum) -> ()");
+  // Cross-modal agreement mining over video/audio banks (N, D): for each query row (all rows,
+  // or the int64 rows in `queries`), the k items j != query with the highest agreement
+  // (mode: consensus | union | video | audio) -> values (Q, k) float32, indices (Q, k) int64,
+  // each row by descending agreement, ties by ascending index. precision: highest | high
+  // (high lets CUDA use TF32 tensor cores for float32 banks).
+  m.def(
+      "cma_topk(Tensor video_memory, Tensor audio_memory, int k, str mode, Tensor? queries, "
+      "str precision) -> (Tensor, Tensor)");
 }

@@ -116,3 +116,22 @@ def memory_update_(
         rows[i] = F.normalize(momentum * old + (1 - momentum) * x[b].to(dtype), dim=0, eps=1e-12)
     for i, row in rows.items():
         memory[i] = row.to(memory.dtype)
+
+
+def cma_topk(
+    video_memory: torch.Tensor,
+    audio_memory: torch.Tensor,
+    k: int,
+    mode: str = "consensus",
+    queries: Optional[torch.Tensor] = None,
+    *,
+    precision: str = "highest",
+) -> tuple:
+    """Full (Q, N) agreement matrix, self masked, stable descending sort, first k columns."""
+    rows = torch.arange(video_memory.shape[0]) if queries is None else queries.cpu()
+    video, audio = video_memory.float().cpu(), audio_memory.float().cpu()
+    sv, sa = video[rows] @ video.T, audio[rows] @ audio.T
+    agree = {"consensus": torch.minimum(sv, sa), "union": torch.maximum(sv, sa), "video": sv, "audio": sa}[mode]
+    agree[torch.arange(len(rows)), rows] = -float("inf")
+    values, indices = torch.sort(agree, dim=1, descending=True, stable=True)
+    return values[:, :k].to(video_memory.device), indices[:, :k].to(video_memory.device)

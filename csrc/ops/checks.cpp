@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 namespace avidfast {
 
@@ -183,6 +184,52 @@ void check_memory_update(const at::Tensor& memory, const at::Tensor& idx, const 
   check_indices(idx, "idx", 1, x.size(0), memory);
   TORCH_CHECK_VALUE(std::isfinite(momentum) && momentum >= 0 && momentum <= 1,
                     "momentum must lie in [0, 1], got ", momentum);
+}
+
+Agreement check_cma_topk(const at::Tensor& video_memory, const at::Tensor& audio_memory, int64_t k,
+                         c10::string_view mode, const c10::optional<at::Tensor>& queries,
+                         c10::string_view precision) {
+  check_memory(video_memory);
+  TORCH_CHECK_VALUE(audio_memory.sizes() == video_memory.sizes(), "audio_memory has shape ",
+                    audio_memory.sizes(), " but video_memory has shape ", video_memory.sizes());
+  TORCH_CHECK_VALUE(audio_memory.scalar_type() == video_memory.scalar_type(), "audio_memory is ",
+                    audio_memory.scalar_type(), " but video_memory is ", video_memory.scalar_type());
+  TORCH_CHECK_VALUE(audio_memory.device() == video_memory.device(), "audio_memory is on ",
+                    audio_memory.device(), " but video_memory is on ", video_memory.device());
+  TORCH_CHECK_VALUE(audio_memory.is_contiguous(), "audio_memory must be contiguous");
+  const int64_t num_items = video_memory.size(0);
+  TORCH_CHECK_VALUE(k >= 1 && k < num_items - 1, "k must lie in [1, num_items - 2] = [1, ",
+                    num_items - 2, "], got ", k);
+  Agreement parsed;
+  if (mode == "consensus") {
+    parsed = Agreement::kConsensus;
+  } else if (mode == "union") {
+    parsed = Agreement::kUnion;
+  } else if (mode == "video") {
+    parsed = Agreement::kVideo;
+  } else if (mode == "audio") {
+    parsed = Agreement::kAudio;
+  } else {
+    TORCH_CHECK_VALUE(false, "mode must be 'consensus', 'union', 'video' or 'audio', got '",
+                      std::string(mode), "'");
+  }
+  TORCH_CHECK_VALUE(precision == "highest" || precision == "high",
+                    "precision must be 'highest' or 'high', got '", std::string(precision), "'");
+  if (queries.has_value()) {
+    const at::Tensor& q = *queries;
+    TORCH_CHECK_VALUE(q.scalar_type() == at::kLong && q.dim() == 1,
+                      "queries must be a 1-D int64 tensor of row indices, got ", q.scalar_type(),
+                      " of shape ", q.sizes());
+    TORCH_CHECK_VALUE(q.device() == video_memory.device(), "queries is on ", q.device(),
+                      " but the banks are on ", video_memory.device());
+    if (q.numel() > 0 && value_checks_apply(q)) {
+      auto [lo, hi] = at::aminmax(q);
+      const int64_t low = lo.item<int64_t>(), high = hi.item<int64_t>();
+      TORCH_CHECK_VALUE(low >= 0 && high < num_items, "queries must lie in [0, ", num_items,
+                        "), but holds values in [", low, ", ", high, "]");
+    }
+  }
+  return parsed;
 }
 
 }  // namespace avidfast

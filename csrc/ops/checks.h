@@ -4,6 +4,9 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
+
+#include "ops/agreement.h"
 
 namespace avidfast {
 
@@ -31,6 +34,11 @@ void check_nce_memory_loss(const at::Tensor& x, const at::Tensor& memory, const 
                            const at::Tensor& partition);
 void check_memory_update(const at::Tensor& memory, const at::Tensor& idx, const at::Tensor& x,
                          double momentum);
+
+// Returns the parsed agreement mode.
+Agreement check_cma_topk(const at::Tensor& video_memory, const at::Tensor& audio_memory, int64_t k,
+                         c10::string_view mode, const c10::optional<at::Tensor>& queries,
+                         c10::string_view precision);
 
 // Dtype of scores, losses and x-gradients: float64 when x is float64, float32 otherwise.
 at::ScalarType accumulate_dtype(at::ScalarType x_dtype);
