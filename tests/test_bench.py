@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from avidfast.bench.baselines import AliasSampler, GatherCrossAVID, gather_memory_update_
-from avidfast.bench.ops_suite import OpsBenchConfig, run_suite
+from avidfast.bench.cma_suite import CASES as CMA_CASES
+from avidfast.bench.cma_suite import CMABenchConfig
+from avidfast.bench.ops_suite import CASES as OPS_CASES
+from avidfast.bench.ops_suite import OpsBenchConfig
+from avidfast.bench.suite import run_suite
 from avidfast.bench.timing import peak_extra_memory, time_interleaved
 from avidfast.cli import main
 from avidfast.losses import AVIDLoss
@@ -68,14 +72,32 @@ def test_time_interleaved_runs_every_variant_every_round():
 
 def test_suite_runs_every_case_on_small_sizes():
     cfg = OpsBenchConfig(num_items=2000, batch=8, negatives=32, dim=16, rounds=2, warmup=1)
-    results = run_suite(cfg)
+    results = run_suite(OPS_CASES, cfg)
     assert [r.name for r in results] == ["cross_avid_step", "memory_update", "sample_negatives"]
     step = results[0]
     # The baseline gathers (B, K + 1, D) float32 rows per bank; ours never does.
     gathered = 2 * cfg.batch * (cfg.negatives + 1) * cfg.dim * 4
-    assert step.baseline.peak_extra_bytes >= gathered
+    assert step.measurements["baseline"].peak_extra_bytes >= gathered
     assert step.ours.peak_extra_bytes < gathered
-    assert all(r.speedup > 0 for r in results)
+    assert all(r.speedup("baseline") > 0 for r in results)
+
+
+def test_cma_baselines_mine_what_cma_topk_mines():
+    from avidfast.bench.baselines import sixteen_query_topk
+    from avidfast.ops import cma_topk
+
+    cfg = CMABenchConfig(num_items=700, dim=32, k=9, queries=50)
+    case = CMA_CASES["cma_mining_float32"](cfg, torch.device("cpu"))
+    assert set(case.variants) == {"ours", "sixteen_query", "bare_matmul"}
+    g = torch.Generator().manual_seed(0)
+    video = torch.nn.functional.normalize(torch.randn(700, 32, generator=g), dim=1)
+    audio = torch.nn.functional.normalize(torch.randn(700, 32, generator=g), dim=1)
+    queries = torch.arange(0, 700, 7)
+    _, ours = cma_topk(video, audio, 9, "consensus", queries)
+    assert torch.equal(sixteen_query_topk(video, audio, 9, "consensus", queries).sort(dim=1).values,
+                       ours.sort(dim=1).values)
+    results = run_suite(CMA_CASES, CMABenchConfig(num_items=3000, dim=32, k=8, queries=256, rounds=1, warmup=0))
+    assert [r.baselines for r in results] == [["sixteen_query", "bare_matmul"]] * 2
 
 
 def test_cli_bench_ops_prints_table_and_writes_json(tmp_path, capsys):
@@ -86,7 +108,15 @@ def test_cli_bench_ops_prints_table_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "cross_avid_step" in printed and "speed-up" in printed
     payload = json.loads(out.read_text())
-    assert payload["results"][0]["case"] == "cross_avid_step" and payload["results"][0]["speedup"] > 0
+    assert payload["results"][0]["case"] == "cross_avid_step" and payload["results"][0]["speedup"]["baseline"] > 0
+
+
+def test_cli_bench_cma_extrapolates_to_all_queries(capsys):
+    code = main(["bench", "cma", "--num-items", "2000", "--dim", "16", "--k", "4", "--queries", "200",
+                 "--rounds", "1", "--warmup", "0", "--case", "cma_mining_float32"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "extrapolated s" in printed and "sixteen_query" in printed and "bare_matmul" in printed
 
 
 @pytest.mark.parametrize(
@@ -94,6 +124,7 @@ def test_cli_bench_ops_prints_table_and_writes_json(tmp_path, capsys):
     [
         (["bench", "ops", "--case", "nope"], "--case nope: unknown case"),
         (["bench", "ops", "--num-items", "100", "--negatives", "99"], "--negatives 99 must be smaller"),
+        (["bench", "cma", "--num-items", "100", "--k", "99"], "--k 99 must be smaller"),
     ],
 )
 def test_cli_user_errors_are_one_line(argv, message, capsys):

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from avidfast.losses import AVIDLoss
+from avidfast.losses import AVIDLoss, CMALoss
 
 NUM_ITEMS, DIM, STEPS = 120, 16, 3
 
@@ -59,3 +59,32 @@ def test_two_ranks_keep_identical_banks_equal_to_one_process(sizes):
     # The global loss is the batch-size-weighted mean of the ranks' losses.
     weighted = (ranks[0]["losses"] * sizes[0] + ranks[1]["losses"] * sizes[1]) / sum(sizes)
     torch.testing.assert_close(weighted, torch.stack(single_rows), rtol=1e-5, atol=1e-5)
+
+
+def _mining_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        cma = CMALoss(NUM_ITEMS + 1, dim=DIM, num_negatives=25, num_negatives_within=5, num_positives=7, seed=4)
+        cma.mine_positives(epoch=0, progress=False)
+        video, audio, index = _batches((5, 5))[0]
+        rows = slice(5 * rank, 5 * rank + 5)
+        cma(video[rows], audio[rows], index[rows])
+        torch.save(cma.state_dict(), os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_rank_mining_equals_single_process_mining():
+    # NUM_ITEMS + 1 rows: the ranks' slices have different sizes.
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_mining_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        ranks = [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=True) for r in range(2)]
+    single = CMALoss(NUM_ITEMS + 1, dim=DIM, num_negatives=25, num_negatives_within=5, num_positives=7, seed=4)
+    single.mine_positives(epoch=0, progress=False)
+    assert torch.equal(ranks[0]["positives"], single.positives)
+    for key, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][key]), f"{key} differs between ranks"
+    video, audio, index = _batches((5, 5))[0]
+    single(video, audio, index)
+    assert torch.equal(ranks[0]["video_memory.memory"], single.video_memory.memory)

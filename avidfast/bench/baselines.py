@@ -107,3 +107,33 @@ def gather_memory_update_(memory: torch.Tensor, index: torch.Tensor, x: torch.Te
     rows.mul_(momentum)
     rows.add_(torch.mul(x, 1 - momentum))
     memory.index_copy_(0, index, F.normalize(rows, dim=1).to(memory.dtype))
+
+
+def _agreement(sv: torch.Tensor, sa: torch.Tensor, mode: str) -> torch.Tensor:
+    return {"consensus": torch.minimum, "union": torch.maximum}[mode](sv, sa) if mode in ("consensus", "union") \
+        else (sv if mode == "video" else sa)
+
+
+@torch.no_grad()
+def sixteen_query_topk(video: torch.Tensor, audio: torch.Tensor, k: int, mode: str,
+                       queries: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """The reference's positive mining: `block` queries at a time, both banks' (block, N)
+    similarities by matrix product, agreement, self masked, topk. Returns (Q, k) indices."""
+    out = []
+    for first in range(0, queries.numel(), block):
+        rows = queries[first:first + block]
+        agree = _agreement(video[rows] @ video.T, audio[rows] @ audio.T, mode)
+        agree[torch.arange(rows.numel(), device=rows.device), rows] = -float("inf")
+        out.append(agree.topk(k, dim=1).indices)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def bare_similarity_pass(video: torch.Tensor, audio: torch.Tensor, queries: torch.Tensor,
+                         block: int = 1024) -> None:
+    """Only the matrix products of mining: both banks' similarities of every query with every
+    item, `block` query rows at a time, results discarded. The floor a fused miner is held to."""
+    for first in range(0, queries.numel(), block):
+        rows = queries[first:first + block]
+        video[rows] @ video.T
+        audio[rows] @ audio.T

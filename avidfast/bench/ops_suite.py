@@ -1,12 +1,12 @@
 """The operator benchmark suite: each case runs ours and the reference formulation in one run."""
 import itertools
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict
 
 import torch
 
 from avidfast.bench.baselines import AliasSampler, GatherCrossAVID, gather_memory_update_
-from avidfast.bench.timing import Comparison, compare
+from avidfast.bench.suite import Case
 from avidfast.hugepages import empty_rows
 from avidfast.losses import AVIDLoss, MemoryBank
 from avidfast.ops import memory_update_, sample_negatives
@@ -26,17 +26,6 @@ class OpsBenchConfig:
     warmup: int = 3
     seed: int = 0
     distinct_batches: int = 8
-
-
-@dataclass
-class Case:
-    """Two callables doing the same work: ours and the reference formulation's."""
-
-    name: str
-    description: str
-    ours: Callable[[], None]
-    baseline: Callable[[], None]
-    rounds_scale: int = 1  # short cases get proportionally more rounds
 
 
 def _batches(cfg: OpsBenchConfig, device: torch.device, requires_grad: bool):
@@ -78,7 +67,7 @@ def cross_avid_step(cfg: OpsBenchConfig, device: torch.device) -> Case:
         "cross_avid_step",
         f"Cross-AVID loss step, both directions, fwd+bwd+update: B={cfg.batch} K={cfg.negatives} "
         f"D={cfg.dim} N={cfg.num_items} {str(cfg.bank_dtype).replace('torch.', '')} banks",
-        ours, reference_formulation,
+        {"ours": ours, "baseline": reference_formulation},
     )
 
 
@@ -99,7 +88,7 @@ def memory_update(cfg: OpsBenchConfig, device: torch.device) -> Case:
     return Case(
         "memory_update",
         f"bank update alone: B={cfg.batch} rows of D={cfg.dim} into N={cfg.num_items}",
-        ours, reference_formulation, rounds_scale=4,
+        {"ours": ours, "baseline": reference_formulation}, rounds_scale=4,
     )
 
 
@@ -119,7 +108,7 @@ def negative_sampling(cfg: OpsBenchConfig, device: torch.device) -> Case:
     return Case(
         "sample_negatives",
         f"negative draws alone: B={cfg.batch} x K={cfg.negatives} from N={cfg.num_items}",
-        ours, reference_formulation, rounds_scale=4,
+        {"ours": ours, "baseline": reference_formulation}, rounds_scale=4,
     )
 
 
@@ -128,19 +117,3 @@ CASES: Dict[str, Callable[[OpsBenchConfig, torch.device], Case]] = {
     "memory_update": memory_update,
     "sample_negatives": negative_sampling,
 }
-
-
-def run_suite(cfg: OpsBenchConfig, names: Optional[List[str]] = None,
-              progress: Callable[[str], None] = lambda message: None) -> List[Comparison]:
-    """Runs the named cases (all by default) and returns their comparisons."""
-    device = torch.device(cfg.device)
-    results = []
-    for name in names or list(CASES):
-        if name not in CASES:
-            raise ValueError(f"unknown benchmark case {name!r}; choose from {sorted(CASES)}")
-        progress(f"measuring {name} ...")
-        case = CASES[name](cfg, device)
-        results.append(compare(case.name, case.description, case.ours, case.baseline,
-                               cfg.rounds * case.rounds_scale, cfg.warmup, device))
-        progress(f"  {name}: {results[-1].speedup:.2f}x faster than the baseline")
-    return results

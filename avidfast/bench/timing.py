@@ -4,6 +4,7 @@ Machines here are shared and noisy, so a comparison times both variants in the s
 alternating which goes first in each round, and reports medians and their ratio.
 """
 import contextlib
+import ctypes
 import json
 import os
 import statistics
@@ -36,33 +37,37 @@ class Measurement:
 
 @dataclass
 class Comparison:
-    """One benchmark case: ours and its baseline measured in the same run."""
+    """One benchmark case: ours and its baselines, measured in the same run."""
 
     name: str
     description: str
-    ours: Measurement
-    baseline: Measurement
+    measurements: Dict[str, Measurement]  # "ours" and one entry per baseline
 
     @property
-    def speedup(self) -> float:
+    def ours(self) -> Measurement:
+        return self.measurements["ours"]
+
+    @property
+    def baselines(self) -> List[str]:
+        return [name for name in self.measurements if name != "ours"]
+
+    def speedup(self, baseline: str) -> float:
         """Baseline median time over ours (> 1: ours is faster)."""
-        return self.baseline.median_ms / self.ours.median_ms
+        return self.measurements[baseline].median_ms / self.ours.median_ms
 
-    @property
-    def memory_ratio(self) -> float:
+    def memory_ratio(self, baseline: str) -> float:
         """Our peak extra memory over the baseline's (< 1: ours needs less)."""
-        return self.ours.peak_extra_bytes / max(self.baseline.peak_extra_bytes, 1)
+        return self.ours.peak_extra_bytes / max(self.measurements[baseline].peak_extra_bytes, 1)
 
-    def as_dict(self) -> Dict[str, float]:
+    def as_dict(self) -> Dict[str, object]:
         return {
             "case": self.name,
-            "ours_median_ms": self.ours.median_ms,
-            "baseline_median_ms": self.baseline.median_ms,
-            "speedup": self.speedup,
-            "ours_peak_extra_mb": self.ours.peak_extra_bytes / 2**20,
-            "baseline_peak_extra_mb": self.baseline.peak_extra_bytes / 2**20,
-            "memory_ratio": self.memory_ratio,
+            "description": self.description,
             "rounds": len(self.ours.times),
+            "median_ms": {name: m.median_ms for name, m in self.measurements.items()},
+            "peak_extra_mb": {name: m.peak_extra_bytes / 2**20 for name, m in self.measurements.items()},
+            "speedup": {name: self.speedup(name) for name in self.baselines},
+            "memory_ratio": {name: self.memory_ratio(name) for name in self.baselines},
         }
 
 
@@ -104,10 +109,11 @@ def _stderr_silenced():
 
 
 def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int:
-    """Bytes allocated by one call of fn at its peak, above what was allocated before it.
+    """Bytes allocated through PyTorch by one call of fn at its peak, above the level before it.
 
     CUDA: the caching allocator's peak statistic. CPU: the profiler's record of every allocation
-    and free made through PyTorch's CPU allocator (per-thread scratch outside it is not counted).
+    and free made through PyTorch's CPU allocator (scratch a kernel allocates itself is not
+    counted: use peak_resident_growth for kernels with native buffers).
     """
     if device.type == "cuda":
         _synchronize(device)
@@ -131,13 +137,41 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
-def compare(name: str, description: str, ours: Callable[[], object], baseline: Callable[[], object],
-            rounds: int, warmup: int, device: torch.device) -> Comparison:
-    """Times ours and baseline interleaved, then measures each one's peak extra memory."""
-    times = time_interleaved({"ours": ours, "baseline": baseline}, rounds, warmup, device)
-    return Comparison(
-        name,
-        description,
-        Measurement(times["ours"], peak_extra_memory(ours, device)),
-        Measurement(times["baseline"], peak_extra_memory(baseline, device)),
-    )
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def _release_free_heap() -> None:
+    """Returns freed heap memory to the OS (glibc malloc_trim), so that memory the call reuses
+    must be faulted in again and shows in the resident peak."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
+
+
+def peak_resident_growth(fn: Callable[[], object]) -> int:
+    """Bytes by which one call of fn raises the process's peak resident memory (Linux): every
+    allocation counts, PyTorch's or a kernel's own (freed heap memory is released first, so
+    that reusing it counts too). Falls back to peak_extra_memory where /proc/self/clear_refs is
+    unavailable."""
+    try:
+        _release_free_heap()
+        resident = _status_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak (VmHWM) to the current resident size
+    except OSError:
+        return peak_extra_memory(fn, torch.device("cpu"))
+    fn()
+    return max(0, _status_bytes("VmHWM") - resident)
+
+
+def compare(name: str, description: str, variants: Dict[str, Callable[[], object]], rounds: int,
+            warmup: int, device: torch.device, memory: str = "allocator") -> Comparison:
+    """Times the variants ("ours" and its baselines) interleaved, then measures each one's peak
+    extra memory: "allocator" (PyTorch's allocations) or "resident" (process memory, CPU)."""
+    times = time_interleaved(variants, rounds, warmup, device)
+    measure = peak_resident_growth if memory == "resident" and device.type == "cpu" \
+        else (lambda fn: peak_extra_memory(fn, device))
+    return Comparison(name, description, {key: Measurement(times[key], measure(fn)) for key, fn in variants.items()})

@@ -1,5 +1,6 @@
 """Drop-in loss modules built on avidfast.ops."""
 from avidfast.losses.avid import AVIDLoss
+from avidfast.losses.cma import CMALoss
 from avidfast.losses.memory_bank import MemoryBank
 
-__all__ = ["AVIDLoss", "MemoryBank"]
+__all__ = ["AVIDLoss", "CMALoss", "MemoryBank"]
