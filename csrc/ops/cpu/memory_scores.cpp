@@ -51,7 +51,7 @@ at::Tensor memory_scores_cpu(const at::Tensor& x, const at::Tensor& memory, cons
     const int64_t* idx_ptr = idx_c.data_ptr<int64_t>();
     acc_t* out_ptr = scores.data_ptr<acc_t>();
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch, cpu::rows_per_task(count, dim), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> x_row(dim);
       for (int64_t b = begin; b < end; ++b) {
         cpu::convert_row(x_ptr + b * dim, x_row.data(), dim);
@@ -78,7 +78,7 @@ at::Tensor memory_scores_backward_cpu(const at::Tensor& grad_scores, const at::T
     const int64_t* idx_ptr = idx_c.data_ptr<int64_t>();
     acc_t* out_ptr = grad_x.data_ptr<acc_t>();
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch, cpu::rows_per_task(count, dim), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         accumulate_rows(grad_ptr + b * count, mem_ptr, dim, idx_ptr + b * count, count, inv_t,
                         out_ptr + b * dim);

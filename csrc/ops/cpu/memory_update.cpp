@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "ops/checks.h"
+#include "ops/cpu/rows.h"
 #include "ops/dispatch.h"
 #include "ops/momentum_update.h"
 
@@ -41,7 +42,8 @@ void memory_update_cpu(const at::Tensor& memory, const at::Tensor& idx, const at
     const x_t* x_ptr = x_c.data_ptr<x_t>();
     mem_t* mem_ptr = memory.data_ptr<mem_t>();
     const row_t m = static_cast<row_t>(momentum);
-    at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+    // A typical batch (a few hundred rows) is too little work to share between threads.
+    at::parallel_for(0, groups, cpu::rows_per_task(1, dim), [&](int64_t begin, int64_t end) {
       std::vector<row_t> row(dim);
       for (int64_t g = begin; g < end; ++g) {
         mem_t* target = mem_ptr + idx_ptr[order[group_start[g]]] * dim;

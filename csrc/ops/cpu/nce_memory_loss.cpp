@@ -66,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> nce_memory_loss_cpu(const at::Tensor& x,
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
     const acc_t log_kz = log_(static_cast<acc_t>(negatives) * static_cast<acc_t>(z));
     const acc_t positive_scale = acc_t(1) / static_cast<acc_t>(positives);
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch, cpu::rows_per_task(positives + negatives, dim), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> x_row(dim);
       for (int64_t b = begin; b < end; ++b) {
         cpu::convert_row(x_ptr + b * dim, x_row.data(), dim);

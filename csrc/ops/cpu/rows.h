@@ -18,6 +18,13 @@ namespace cpu {
 // How many rows ahead of use the kernels prefetch memory rows (random rows miss every cache).
 constexpr int64_t kPrefetchRows = 4;
 
+// Batch rows per parallel task when each row reads `rows` memory rows of `dim` elements: enough
+// that a task is worth a thread (ATen's grain of 32768 elements), so small calls stay serial.
+inline int64_t rows_per_task(int64_t rows, int64_t dim) {
+  const int64_t work = rows * dim;
+  return work >= 32768 ? 1 : (32768 + work - 1) / work;
+}
+
 inline void prefetch_row(const void* row, int64_t bytes) {
   const char* p = static_cast<const char*>(row);
   for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset, 0, 0);
