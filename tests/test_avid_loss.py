@@ -56,7 +56,8 @@ def test_matches_plain_formulation_over_steps(mode):
         torch.testing.assert_close(loss_fn.audio_memory.memory, state["audio"], rtol=1e-6, atol=1e-6)
         assert set(logs) == {"loss"} | {f"loss/{t}" for t in TERMS[mode]}
     estimated = loss_fn.Z[[PAIRS.index(pair) for pair in TERMS[mode]]]
-    torch.testing.assert_close(estimated, torch.tensor(state["Z"], dtype=torch.float32))
+    # Z ~ N/e: a float32 mean of exponentials of about 1e2 agrees to a few ulps, not one.
+    torch.testing.assert_close(estimated, torch.tensor(state["Z"], dtype=torch.float32), rtol=1e-5, atol=0)
     unused = [z for pair, z in zip(PAIRS, loss_fn.Z.tolist()) if pair not in TERMS[mode]]
     assert all(z < 0 for z in unused), "a pair the mode does not use got a partition estimate"
     assert int(loss_fn.step) == 3
