@@ -1,0 +1,117 @@
+"""Manifests: a CSV with one row per video (one memory slot), paths relative to a root.
+
+Required column: ``path``. Optional: ``label`` and the metadata written by ``avidfast prepare``
+(``duration`` of the video in seconds, ``fps``, ``width``, ``height``, ``sample_rate`` in Hz,
+``channels``, ``audio_duration`` in seconds (of the audio the loaders read), ``audio_path``: the
+extracted 24 kHz mono WAV/FLAC, relative to the same root). Unknown columns
+are kept and written back unchanged.
+"""
+import csv
+import io
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+from avidfast.files import atomic_write_text
+
+METADATA_COLUMNS = ("duration", "fps", "width", "height", "sample_rate", "channels", "audio_duration", "audio_path")
+_FLOAT_COLUMNS = {"duration", "fps", "audio_duration"}
+_INT_COLUMNS = {"width", "height", "sample_rate", "channels"}
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read: the message names the file and the row."""
+
+
+@dataclass
+class Manifest:
+    """Rows of a manifest and the root its relative paths resolve against.
+
+    ``rows[i]`` is a dict of column -> value (numbers parsed for the metadata columns, ``None``
+    where empty). Row i is memory slot i.
+    """
+
+    root: str
+    rows: List[Dict[str, object]]
+    columns: List[str] = field(default_factory=lambda: ["path"])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def path(self, i: int) -> str:
+        """Absolute path of row i's video."""
+        return os.path.join(self.root, str(self.rows[i]["path"]))
+
+    def audio_path(self, i: int) -> str:
+        """Absolute path of row i's extracted audio if it has one, else of its video."""
+        extracted = self.rows[i].get("audio_path")
+        return os.path.join(self.root, str(extracted)) if extracted else self.path(i)
+
+    @property
+    def has_labels(self) -> bool:
+        return "label" in self.columns and all(r.get("label") not in (None, "") for r in self.rows)
+
+    @property
+    def classes(self) -> List[str]:
+        """Sorted distinct labels; a label's class index is its position here."""
+        if not self.has_labels:
+            return []
+        return sorted({str(r["label"]) for r in self.rows}, key=_natural_key)
+
+    def label_indices(self) -> List[int]:
+        """Class index of every row (requires labels)."""
+        if not self.has_labels:
+            raise ManifestError("this manifest has no 'label' column (or some rows have no label)")
+        lookup = {name: i for i, name in enumerate(self.classes)}
+        return [lookup[str(r["label"])] for r in self.rows]
+
+
+def _natural_key(text: str):
+    return (0, int(text), "") if text.lstrip("-").isdigit() else (1, 0, text)
+
+
+def _parse(column: str, value: str, where: str):
+    if value == "":
+        return None
+    try:
+        if column in _FLOAT_COLUMNS:
+            return float(value)
+        if column in _INT_COLUMNS:
+            return int(float(value))
+    except ValueError:
+        raise ManifestError(f"{where}: column '{column}' has '{value}', which is not a number") from None
+    return value
+
+
+def read_manifest(path: str, root: Optional[str] = None) -> Manifest:
+    """Reads a manifest CSV; relative paths resolve against ``root`` (default: the CSV's folder)."""
+    if not os.path.isfile(path):
+        raise ManifestError(f"manifest {path}: no such file")
+    root = os.path.abspath(root if root is not None else os.path.dirname(os.path.abspath(path)))
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "path" not in reader.fieldnames:
+            raise ManifestError(f"manifest {path}: needs a header row with a 'path' column")
+        columns = list(reader.fieldnames)
+        rows = []
+        for line, raw in enumerate(reader, start=2):
+            if not raw.get("path"):
+                raise ManifestError(f"manifest {path}, line {line}: empty 'path'")
+            rows.append({k: _parse(k, v or "", f"manifest {path}, line {line}") for k, v in raw.items()})
+    if not rows:
+        raise ManifestError(f"manifest {path}: has a header but no rows")
+    return Manifest(root=root, rows=rows, columns=columns)
+
+
+def write_manifest(path: str, rows: Sequence[Dict[str, object]], columns: Optional[Sequence[str]] = None) -> None:
+    """Writes rows atomically; columns default to ``path``, ``label`` if any row has one, metadata."""
+    if columns is None:
+        present = {k for r in rows for k in r}
+        columns = ["path"] + [c for c in ("label",) + METADATA_COLUMNS if c in present]
+        columns += sorted(present - set(columns))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    atomic_write_text(path, out.getvalue())
