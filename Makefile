@@ -16,12 +16,13 @@ CMAKE_BUILD ?= .cmake-build
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
 
-.PHONY: help venv install test demo bench cuda-check cmake-check clean
+.PHONY: help venv install media test demo bench cuda-check cmake-check clean
 
 help:
 	@echo "make test         build into $(VENV) (TORCH_SPEC=$(TORCH_SPEC)) and run the whole test suite"
 	@echo "make demo         the main job: avidfast bench ops (ours vs the reference formulation)"
 	@echo "make bench        the pytest-benchmark suites in benchmarks/"
+	@echo "make media        fetch the real test clips into $(CACHE_DIR)/media (the tests skip without them)"
 	@echo "make cuda-check   compile every .cu against $(CUDA_TORCH_SPEC) (venv: $(CUDA_VENV))"
 	@echo "make cmake-check  configure and build the operator library with CMake"
 
@@ -39,7 +40,12 @@ $(BIN)/.avidfast-installed: $(BIN)/.torch-ready $(SOURCES)
 
 install: $(BIN)/.avidfast-installed
 
-test: install
+# Real media for the tests (Big Buck Bunny from MoviePy's sdist, cached outside the checkout);
+# without a network the tests that need it skip and say so.
+media: install
+	-$(BIN)/python scripts/fetch_media.py
+
+test: install media
 	$(BIN)/python -m pytest tests
 
 demo: install

@@ -1,0 +1,11 @@
+"""Data: manifests, offline preparation, pre-processing and the two loaders.
+
+- manifest.py: the CSV of clips (one row = one memory slot) and its metadata columns
+- probe.py / prepare.py: ``avidfast prepare`` (probe, reject with reasons, extract audio, transcode)
+- audio.py / video.py: the paper's pre-processing (spectrogram presets, jitter, crops, colour)
+- stats.py: ``avidfast stats`` (per-bin spectrogram mean/std for Z-normalisation)
+- sampling.py: epoch order, per-rank sharding, per-sample random streams (shared by both loaders)
+- cpu_pipeline.py: Dataset + DataLoader workers with bad-sample accounting
+- dali_pipeline.py: the NVIDIA DALI pipeline (GPU decode; CPU mode on VP9 + WAV)
+- synthetic.py: the learnable synthetic demo set
+"""

@@ -1,0 +1,268 @@
+"""The CPU pipeline: a Dataset of audio-visual clips and a loader that counts bad samples.
+
+Every batch is a dict: ``video`` (B, 3, T, H, W) float32, ``audio`` (B, 1, F, T') float32
+log-spectrogram, ``index`` (B,) int64 memory slot (the manifest row), ``label`` (B,) int64 when
+the manifest has labels, and in evaluation mode ``clip`` (B,) int64 (clip number in its video).
+
+A file that fails to decode is logged with its path and reason and replaced by another video
+chosen deterministically from (seed, epoch, position); the loader counts replacements per epoch
+and stops with :class:`TooManyBadSamples` once they exceed ``max_bad_fraction`` of the epoch.
+"""
+import logging
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+
+from avidfast.data import audio as audio_ops
+from avidfast.data import video as video_ops
+from avidfast.data.audio import AudioJitter, SpectrogramPreset, SpectrogramStats
+from avidfast.data.manifest import Manifest
+from avidfast.data.sampling import ShardedEpochSampler, replacement_index, sample_generator
+from avidfast.data.video import VideoConfig
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 20  # replacements tried for one position before giving up
+
+
+class TooManyBadSamples(RuntimeError):
+    """More samples failed in an epoch than ``max_bad_fraction`` allows."""
+
+
+class SampleFailed(RuntimeError):
+    """Every replacement of one position failed too."""
+
+
+@dataclass
+class LoadedClip:
+    """One decoded example before collation."""
+
+    video: torch.Tensor  # (3, T, H, W) float32
+    audio: torch.Tensor  # (1, F, T') float32
+    index: int
+    failures: List[Tuple[str, str]]  # (path, reason) of the files replaced to get here
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Audio-visual clips of a manifest, indexed by (epoch, position, video index) keys.
+
+    mode ``train``: a random clip start, random resized crop / flip / colour jitter, jittered
+    audio window; ``eval``: ``clips_per_video`` evenly spaced clips, resize + centre crop, audio
+    at the clip start. Randomness comes from (seed, epoch, position) only, so results do not
+    depend on the number of workers.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        video: VideoConfig = VideoConfig(),
+        audio_preset: Union[str, SpectrogramPreset] = "table5",
+        stats: Optional[SpectrogramStats] = None,
+        mode: str = "train",
+        jitter: AudioJitter = AudioJitter(),
+        clips_per_video: int = 1,
+        seed: int = 0,
+        decode_threads: int = 1,
+    ):
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got '{mode}'")
+        self.manifest, self.video, self.mode, self.jitter = manifest, video, mode, jitter
+        self.preset = audio_ops.get_preset(audio_preset) if isinstance(audio_preset, str) else audio_preset
+        self.stats, self.clips_per_video, self.seed = stats, clips_per_video, seed
+        self.decode_threads = decode_threads
+        self.labels = manifest.label_indices() if manifest.has_labels else None
+        self._probed: Dict[int, Tuple[float, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self.manifest) * (self.clips_per_video if self.mode == "eval" else 1)
+
+    def __getitem__(self, key: Tuple[int, int, int]) -> Dict[str, torch.Tensor]:
+        epoch, position, index = key
+        failures: List[Tuple[str, str]] = []
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                clip = self.load(index, epoch, position, attempt)
+                break
+            except Exception as error:  # noqa: BLE001 - any decoder failure is reported and replaced
+                reason = f"{type(error).__name__}: {error}"
+                path = self.manifest.path(index)
+                log.debug("bad sample %s (row %d): %s; replacing it", path, index, reason)
+                failures.append((path, reason))
+                index = replacement_index(self.seed, epoch, position, attempt, len(self.manifest))
+        else:
+            raise SampleFailed(f"{MAX_ATTEMPTS} videos in a row failed at position {position}; last: {failures[-1]}")
+        item = {"video": clip.video, "audio": clip.audio, "index": torch.tensor(index)}
+        item["failures"] = "\n".join(f"{path}\t{reason}" for path, reason in failures)
+        if self.labels is not None:
+            item["label"] = torch.tensor(self.labels[index])
+        if self.mode == "eval":
+            item["clip"] = torch.tensor(position % self.clips_per_video)
+        return item
+
+    def load(self, index: int, epoch: int, position: int, attempt: int = 0) -> LoadedClip:
+        """Decodes and transforms row ``index`` (raises on any decode problem)."""
+        row = self.manifest.rows[index]
+        path = self.manifest.path(index)
+        duration, audio_duration = self._durations(index)
+        needed = max(self.video.seconds, self.jitter.duration[0])  # a clip, and the shortest audio window
+        if duration < needed:
+            raise ValueError(f"file is {duration:.2f} s, shorter than the {needed:.2f} s a clip needs")
+        if self.mode == "train":
+            generator = sample_generator(self.seed, epoch, position, attempt)
+            start = float(torch.rand((), generator=generator, dtype=torch.float64)) * max(0.0, duration - self.video.seconds)
+            height, width = _frame_size(row, path)
+            aug = video_ops.draw_augment(height, width, self.video, generator)
+            size = (self.video.crop, self.video.crop)
+            frames = video_ops.decode_frames(path, start, self.video, crop=aug.crop, size=size, threads=self.decode_threads)
+            video = video_ops.train_transform(frames, aug, self.video)
+            window = audio_ops.train_window(start, self.jitter, generator, audio_duration)
+        else:
+            start = video_ops.clip_starts(duration, self.video, self.clips_per_video)[position % self.clips_per_video]
+            height, width = _frame_size(row, path)
+            size = video_ops.eval_size(height, width, self.video.crop)
+            frames = video_ops.decode_frames(path, start, self.video, size=size, threads=self.decode_threads)
+            video = video_ops.eval_transform(frames, self.video)
+            window = audio_ops.eval_window(start, self.preset, audio_duration)
+        wave = audio_ops.decode_audio(self.manifest.audio_path(index), window.start, window.duration, self.preset.sample_rate)
+        spec = audio_ops.log_spectrogram(wave, self.preset, gain=window.gain, stats=self.stats)
+        return LoadedClip(video, spec.unsqueeze(0), index, [])
+
+
+    def _durations(self, index: int) -> Tuple[float, float]:
+        """(video, audio) durations in seconds: from the manifest, else probed once per worker."""
+        row = self.manifest.rows[index]
+        if row.get("duration") and row.get("audio_duration"):
+            return float(row["duration"]), float(row["audio_duration"])
+        if index not in self._probed:
+            video = row.get("duration") or _stream_duration(self.manifest.path(index), "video")
+            self._probed[index] = (video, _stream_duration(self.manifest.audio_path(index), "audio"))
+        return self._probed[index]
+
+
+def _stream_duration(path: str, kind: str) -> float:
+    """Duration in seconds of the first ``kind`` ('video' or 'audio') stream of path."""
+    import av
+
+    with av.open(path) as container:
+        streams = getattr(container.streams, kind)
+        if not streams:
+            raise ValueError(f"no {kind} stream")
+        stream = streams[0]
+        if stream.duration is not None:
+            return float(stream.duration * stream.time_base)
+        if container.duration is not None:
+            return container.duration / 1e6
+        raise ValueError("unknown duration; run `avidfast prepare` to record it")
+
+
+def _frame_size(row: Dict[str, object], path: str) -> Tuple[int, int]:
+    if row.get("height") and row.get("width"):
+        return int(row["height"]), int(row["width"])
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        context = container.streams.video[0].codec_context
+        return context.height, context.width
+
+
+class _EpochKeys(torch.utils.data.Sampler):
+    """Adds the epoch to a ShardedEpochSampler's (position, index) pairs."""
+
+    def __init__(self, sampler: ShardedEpochSampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        for position, index in self.sampler:
+            yield epoch, position, index
+
+
+class _EvalKeys(torch.utils.data.Sampler):
+    """Every clip of this rank's share of the videos, in order: (0, video * clips + c, video)."""
+
+    def __init__(self, num_videos: int, clips: int, rank: int, world_size: int):
+        self.keys = [(0, v * clips + c, v) for v in range(rank, num_videos, world_size) for c in range(clips)]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self):
+        return iter(self.keys)
+
+
+class CPULoader:
+    """Batches of a :class:`ClipDataset` from DataLoader workers, with bad-sample accounting.
+
+    Iterating yields the batch contract (module docstring); ``bad_samples`` counts the
+    replacements of the current epoch (each is logged with its path and reason) and
+    ``bad_files`` lists their (path, reason).
+    """
+
+    def __init__(
+        self,
+        dataset: ClipDataset,
+        *,
+        batch_size: int,
+        workers: int = 2,
+        rank: int = 0,
+        world_size: int = 1,
+        samples_per_epoch: Optional[int] = None,
+        drop_last: bool = True,
+        max_bad_fraction: float = 0.01,
+        timeout: float = 600.0,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        self.dataset, self.max_bad_fraction = dataset, max_bad_fraction
+        if dataset.mode == "train":
+            self.sampler = ShardedEpochSampler(
+                len(dataset.manifest), rank=rank, world_size=world_size, seed=dataset.seed,
+                samples_per_epoch=samples_per_epoch,
+            )
+            keys = _EpochKeys(self.sampler)
+        else:
+            self.sampler = None
+            keys = _EvalKeys(len(dataset.manifest), dataset.clips_per_video, rank, world_size)
+            drop_last = False
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=keys, num_workers=workers, drop_last=drop_last,
+            timeout=timeout if workers > 0 else 0, persistent_workers=False,
+        )
+        self.bad_samples, self.seen = 0, 0
+        self.bad_files: List[Tuple[str, str]] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch's order and augmentation (training mode)."""
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        self.bad_samples, self.seen, self.bad_files = 0, 0, []
+        allowed = self.max_bad_fraction * len(self.loader.sampler)
+        for batch in self.loader:
+            failures = [tuple(line.split("\t", 1)) for text in batch.pop("failures") for line in text.splitlines()]
+            self.seen += batch["index"].numel()
+            if failures:
+                for path, reason in failures:
+                    log.warning("bad sample %s: %s; replaced by another video", path, reason)
+                self.bad_files.extend(failures)
+                self.bad_samples += len(failures)
+                if self.bad_samples > allowed:
+                    raise TooManyBadSamples(
+                        f"{self.bad_samples} bad samples after {self.seen} of {len(self.loader.sampler)} this epoch, "
+                        f"more than max_bad_fraction={self.max_bad_fraction}; see the warnings above for each file "
+                        "and reason, fix or drop them (avidfast prepare writes rejected.csv), or raise max_bad_fraction"
+                    )
+            yield batch

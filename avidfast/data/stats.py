@@ -1,0 +1,70 @@
+"""Per-frequency mean and std of the dB spectrogram over a training set (`avidfast stats`)."""
+import logging
+from concurrent.futures import ProcessPoolExecutor
+from typing import Optional, Tuple
+
+import torch
+
+from avidfast.data import audio as audio_ops
+from avidfast.data.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+
+def _file_stats(task: Tuple[str, Optional[float], str, float]) -> Tuple[str, Optional[audio_ops.RunningStats], str]:
+    """Accumulates the dB spectrogram of up to max_seconds of one file's audio."""
+    path, duration, preset_name, max_seconds = task
+    preset = audio_ops.get_preset(preset_name)
+    torch.set_num_threads(1)
+    try:
+        if duration is None:
+            import av
+
+            with av.open(path) as container:
+                duration = (container.duration or 0) / 1e6
+        seconds = min(duration, max_seconds)
+        if seconds * preset.sample_rate <= preset.n_fft:
+            raise ValueError(f"audio of {seconds:.2f} s is too short for a spectrogram")
+        wave = audio_ops.decode_audio(path, 0.0, seconds, preset.sample_rate)
+        running = audio_ops.RunningStats(preset.bins)
+        running.add(audio_ops.to_db(audio_ops.power_spectrogram(wave, preset)))
+        return path, running, ""
+    except Exception as error:  # noqa: BLE001 - a bad file is reported, not fatal
+        return path, None, f"{type(error).__name__}: {error}"
+
+
+def compute_stats(
+    manifest: Manifest,
+    preset: audio_ops.SpectrogramPreset,
+    *,
+    workers: int = 2,
+    max_seconds: float = 30.0,
+    progress: bool = True,
+) -> Tuple[audio_ops.SpectrogramStats, int]:
+    """Mean/std of every (bin, frame) of the dB spectrogram of the first max_seconds of each
+    row's audio (the extracted file when the manifest has one), frames weighted equally.
+
+    Returns (stats, number of files that could not be read); unreadable files are logged.
+    """
+    from tqdm import tqdm
+
+    tasks = [(manifest.audio_path(i), manifest.rows[i].get("duration"), preset.name, max_seconds)
+             for i in range(len(manifest))]
+    total = audio_ops.RunningStats(preset.bins)
+    failed = 0
+    if workers > 0:
+        pool = ProcessPoolExecutor(max_workers=workers)
+        results = pool.map(_file_stats, tasks, chunksize=4)
+    else:
+        pool, results = None, map(_file_stats, tasks)
+    try:
+        for path, running, error in tqdm(results, total=len(tasks), desc="spectrogram stats", disable=not progress):
+            if running is None:
+                failed += 1
+                log.warning("stats: skipped %s: %s", path, error)
+            else:
+                total.merge(running)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return total.result(preset.name), failed
