@@ -201,6 +201,22 @@ def _bench_loader(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from avidfast.data.manifest import ManifestError
+    from avidfast.train.config import ConfigError, load_config
+    from avidfast.train.loop import TrainingError, train
+
+    try:
+        cfg = load_config(args.config, args.set or [])
+        result = train(cfg, resume=args.resume)
+    except (ConfigError, TrainingError, ManifestError) as error:
+        raise UserError(str(error)) from None
+    except FileNotFoundError as error:
+        raise UserError(str(error)) from None
+    if result.interrupted:
+        raise SystemExit(143)
+
+
 def _add_data_commands(commands) -> None:
     prep = commands.add_parser(
         "prepare", help="probe videos, keep the usable ones, optionally extract audio / re-encode",
@@ -328,7 +344,29 @@ def build_parser() -> argparse.ArgumentParser:
     loader.add_argument("--json", help="also write the results to this JSON file (atomically)")
     loader.set_defaults(handler=_bench_loader)
     _add_data_commands(commands)
+
+    train = commands.add_parser(
+        "train", help="pre-train AVID or CMA from a YAML config",
+        description="Trains the encoders with the AVID or CMA loss as the config says (the shipped configs "
+                    "are the rows of the paper's Table 3 and `demo`). Run under torchrun for several "
+                    "GPUs or nodes. Writes runs/<name>/ (config.yaml, meta.json, train.log, metrics.csv, "
+                    "tb/, checkpoints/); SIGTERM or Ctrl-C saves a checkpoint and exits; --resume "
+                    "continues exactly where the last checkpoint stopped.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    train.add_argument("config", metavar="CONFIG",
+                       help="YAML file, or a shipped config name: " + ", ".join(_shipped_configs()))
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set data.manifest=prep/manifest.csv --set optim.lr=1e-4")
+    train.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    train.set_defaults(handler=_train)
     return parser
+
+
+def _shipped_configs() -> List[str]:
+    from avidfast.train.config import shipped_configs
+
+    return shipped_configs()
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -240,10 +240,13 @@ class CPULoader:
         self.bad_samples, self.seen = 0, 0
         self.bad_files: List[Tuple[str, str]] = []
 
-    def set_epoch(self, epoch: int) -> None:
-        """Selects the epoch's order and augmentation (training mode)."""
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Selects the epoch's order and augmentation (training mode); ``skip_batches`` resumes
+        the epoch after its first batches (their clips are not read)."""
         if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
+            self.sampler.set_epoch(epoch, skip=skip_batches * self.loader.batch_size)
+        elif skip_batches:
+            raise ValueError("skip_batches needs a training-mode loader")
 
     def __len__(self) -> int:
         return len(self.loader)

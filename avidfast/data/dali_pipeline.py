@@ -216,6 +216,7 @@ class _Source:
         self.jitter, self.train, self.seed, self.batch_size = jitter, train, seed, batch_size
         self.gpu, self.validate, self.max_bad_fraction, self.labels = gpu, validate, max_bad_fraction, labels
         per_rank = len(sampler)
+        self.drop_last = drop_last
         self.limit = (per_rank // batch_size) * batch_size if drop_last else per_rank
         self.outputs = _source_outputs(train, labels is not None)
         self.epoch = 0
@@ -232,6 +233,8 @@ class _Source:
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.order = list(self.sampler)
+        per_rank = len(self.order)
+        self.limit = (per_rank // self.batch_size) * self.batch_size if self.drop_last else per_rank
         self.abort = False
 
     # -- per-file checks ---------------------------------------------------------------------
@@ -538,8 +541,9 @@ class DaliLoader:
     def bad_reads(self) -> int:
         return self._source.bad_reads
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Selects the epoch; ``skip_batches`` resumes it after its first batches."""
+        self.sampler.set_epoch(epoch, skip=skip_batches * self.batch_size)
 
     def __len__(self) -> int:
         per_rank = len(self.sampler)

@@ -66,7 +66,8 @@ class ShardedEpochSampler(torch.utils.data.Sampler):
     """Yields (position, video index) pairs for one rank: positions rank, rank + world, ...
 
     The epoch order is padded by wrapping so every rank gets the same count (``len(self)``), as
-    DistributedDataParallel needs. Call :meth:`set_epoch` before each epoch.
+    DistributedDataParallel needs. Call :meth:`set_epoch` before each epoch; its ``skip``
+    resumes an epoch after this rank's first ``skip`` items.
     """
 
     def __init__(
@@ -85,15 +86,18 @@ class ShardedEpochSampler(torch.utils.data.Sampler):
         self.num_videos, self.rank, self.world_size = num_videos, rank, world_size
         self.seed, self.shuffle, self.clips_per_video = seed, shuffle, clips_per_video
         self.samples_per_epoch = samples_per_epoch
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
         total = samples_per_epoch if samples_per_epoch is not None else num_videos * clips_per_video
         self.per_rank = -(-total // world_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Selects the epoch; ``skip`` drops this rank's first items (resuming mid-epoch)."""
+        if not 0 <= skip <= self.per_rank:
+            raise ValueError(f"skip must be in [0, {self.per_rank}], got {skip}")
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return self.per_rank
+        return self.per_rank - self.skip
 
     def __iter__(self) -> Iterator[tuple]:
         order = epoch_order(
@@ -101,5 +105,5 @@ class ShardedEpochSampler(torch.utils.data.Sampler):
             clips_per_video=self.clips_per_video, samples_per_epoch=self.samples_per_epoch,
         )
         padded = self.per_rank * self.world_size
-        for position in range(self.rank, padded, self.world_size):
+        for position in range(self.rank + self.skip * self.world_size, padded, self.world_size):
             yield position, order[position % len(order)]

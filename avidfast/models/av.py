@@ -1,0 +1,84 @@
+"""AVModel: video and audio encoders with their projection heads -> unit-norm embeddings."""
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avidfast.models.audio import AUDIO_PRESETS, AudioEncoder
+from avidfast.models.heads import ProjectionHead
+from avidfast.models.video import VIDEO_PRESETS, VideoEncoder
+
+PRESETS = ("table5", "table6")
+
+
+def preset_input_shapes(preset: str) -> Dict[str, Tuple[int, ...]]:
+    """Per-sample input shapes of a preset: {"video": (3, T, H, W), "audio": (1, F, T)}.
+
+    table5: video (3, 16, 112, 112), audio (1, 129, 100); table6: (3, 8, 224, 224), (1, 257, 200).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {list(PRESETS)}, got {preset!r}")
+    t, s = VIDEO_PRESETS[preset][2]
+    f, ta = AUDIO_PRESETS[preset][1]
+    return {"video": (3, t, s, s), "audio": (1, f, ta)}
+
+
+class AVModel(nn.Module):
+    """Audio-visual model: forward(video, audio) -> (v, a), each (B, embed_dim) and L2-normalised.
+
+    video (B, 3, T, H, W) -> `video` encoder (B, video.out_dim) -> `video_head` -> normalise;
+    audio (B, 1, F, T) -> `audio` encoder (B, audio.out_dim) -> `audio_head` -> normalise.
+    The heads return raw projections; normalisation happens here (the losses normalise again,
+    which is harmless).
+
+    Args:
+        video, audio: the encoders (anything with `out_dim` and forward(x) -> (B, out_dim)).
+        embed_dim: embedding size (128, the memory-bank dimension).
+        hidden: hidden size of the heads; None = the encoder's out_dim (512 at width 64, as in
+            the tables' fc1/fc2).
+        head_layers: linear layers per head (3: fc1..fc3 of the tables; 1: a linear projection).
+    """
+
+    def __init__(self, video: nn.Module, audio: nn.Module, embed_dim: int = 128,
+                 hidden: Optional[int] = None, head_layers: int = 3):
+        super().__init__()
+        self.video = video
+        self.audio = audio
+        self.embed_dim = embed_dim
+        self.video_head = ProjectionHead(video.out_dim, hidden or video.out_dim, embed_dim, head_layers)
+        self.audio_head = ProjectionHead(audio.out_dim, hidden or audio.out_dim, embed_dim, head_layers)
+
+    @classmethod
+    def from_preset(cls, preset: str = "table5", width: int = 64, embed_dim: int = 128,
+                    hidden: Optional[int] = None, head_layers: int = 3,
+                    video_kwargs: Optional[Dict[str, Any]] = None,
+                    audio_kwargs: Optional[Dict[str, Any]] = None) -> "AVModel":
+        """The networks of Table 5 ("table5") or Table 6 ("table6") at a given channel width.
+
+        video_kwargs / audio_kwargs go to `VideoEncoder` / `AudioEncoder` (e.g. mid_channels,
+        residual).
+        """
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {list(PRESETS)}, got {preset!r}")
+        video = VideoEncoder(preset, width, **(video_kwargs or {}))
+        audio = AudioEncoder(preset, width, **(audio_kwargs or {}))
+        return cls(video, audio, embed_dim, hidden, head_layers)
+
+    def to_channels_last(self) -> "AVModel":
+        """Video weights to channels_last_3d and audio weights to channels_last (in place)."""
+        self.video.to(memory_format=torch.channels_last_3d)
+        self.audio.to(memory_format=torch.channels_last)
+        return self
+
+    def embed_video(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) -> (B, embed_dim), unit L2 norm."""
+        return F.normalize(self.video_head(self.video(video)), dim=1)
+
+    def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """(B, 1, F, T) -> (B, embed_dim), unit L2 norm."""
+        return F.normalize(self.audio_head(self.audio(audio)), dim=1)
+
+    def forward(self, video: torch.Tensor, audio: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, T, H, W), (B, 1, F, T) -> v (B, embed_dim), a (B, embed_dim), both unit-norm."""
+        return self.embed_video(video), self.embed_audio(audio)

@@ -1,0 +1,279 @@
+"""Training configuration: nested dataclasses read from YAML, with dotted ``--set`` overrides.
+
+Every key is checked: an unknown key or a value of the wrong type is a :class:`ConfigError`
+naming the key and what is allowed. The resolved configuration is written into each run folder.
+"""
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+PACKAGE_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake: the message names the key and what to do."""
+
+
+@dataclass
+class VideoSection:
+    """Video clips and their training augmentation (Table 3; sizes of Table 5 / 6)."""
+
+    frames: int = 16
+    fps: float = 16.0
+    crop: int = 112
+    min_area: float = 0.08  # multi-scale crop ("msc"): area fraction range [min_area, 1]
+    flip: float = 0.5  # "hf"
+    brightness: float = 0.4  # "bj"
+    saturation: float = 0.4  # "sj"
+    contrast: float = 0.4  # "cj"
+    hue: float = 0.2  # "hj"
+
+
+@dataclass
+class AudioSection:
+    """Audio spectrogram preset and its training jitter (supplement A)."""
+
+    preset: str = "table5"  # table5: 129 x 100, table6: 257 x 200
+    stats: Optional[str] = None  # .npz of `avidfast stats` (None: no Z-normalisation)
+    volume: Tuple[float, float] = (0.9, 1.1)
+    max_offset: float = 0.5  # seconds between audio and video starts
+    duration: Tuple[float, float] = (1.4, 2.8)  # seconds, resized back to the preset's frames
+
+
+@dataclass
+class DataSection:
+    """Where the clips are and how they are read."""
+
+    manifest: Optional[str] = None  # required: CSV of `avidfast prepare`
+    root: Optional[str] = None  # paths in the manifest are relative to this (None: its folder)
+    pipeline: str = "cpu"  # cpu (DataLoader workers) or dali (GPU decode)
+    workers: int = 4  # DataLoader workers per process (DALI: threads)
+    max_bad_fraction: float = 0.01  # stop when more samples of an epoch fail
+    video: VideoSection = field(default_factory=VideoSection)
+    audio: AudioSection = field(default_factory=AudioSection)
+
+
+@dataclass
+class ModelSection:
+    """Encoders (Table 5 or 6) and heads."""
+
+    preset: str = "table5"  # table5: analysis network 16x112^2; table6: R(2+1)D-18 8x224^2
+    width: int = 64  # channels of the first stage (64 in the paper; smaller for CPU demos)
+    embed_dim: int = 128
+
+
+@dataclass
+class LossSection:
+    """AVID or CMA criterion (METHOD.md)."""
+
+    kind: str = "avid"  # avid or cma
+    mode: str = "cross"  # AVID: cross, self or joint
+    num_negatives: int = 1024
+    temperature: float = 0.07
+    momentum: float = 0.5
+    bank_dtype: str = "float32"
+    # CMA only
+    init_from: Optional[str] = None  # AVID checkpoint to start from (Table 3: epoch 200)
+    num_positives: int = 32
+    num_negatives_within: int = 64
+    agreement: str = "consensus"
+    resample_every: int = 10
+
+
+@dataclass
+class OptimSection:
+    """Adam and the epoch structure of Table 3 (bs, lr, wd, ep, es)."""
+
+    batch_size: int = 32  # per process
+    lr: float = 5e-4
+    weight_decay: float = 1e-5
+    epochs: int = 400
+    samples_per_epoch: Optional[int] = None  # "es" (None: one pass over the manifest)
+    milestones: List[int] = field(default_factory=list)  # epochs where lr is multiplied by gamma
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainSection:
+    """Execution: precision, compilation, checkpoints, logging."""
+
+    precision: str = "auto"  # auto (GPU: bf16 if supported else fp16; CPU: fp32), bf16, fp16, fp32
+    compile: bool = False
+    channels_last: bool = True
+    sync_bn: bool = False
+    cudnn_benchmark: bool = True
+    keep_epochs: List[int] = field(default_factory=list)  # epochs whose checkpoints are kept
+    log_every: int = 10  # steps between TensorBoard scalars
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    """A whole training run."""
+
+    name: str = "run"
+    seed: int = 0
+    out_dir: Optional[str] = None  # None: runs/<name>
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def validate(self) -> "Config":
+        """Checks values that types alone do not; returns self."""
+        choices = {
+            "data.pipeline": (self.data.pipeline, ("cpu", "dali")),
+            "data.audio.preset": (self.data.audio.preset, ("table5", "table6")),
+            "model.preset": (self.model.preset, ("table5", "table6")),
+            "loss.kind": (self.loss.kind, ("avid", "cma")),
+            "loss.mode": (self.loss.mode, ("cross", "self", "joint")),
+            "loss.bank_dtype": (self.loss.bank_dtype, ("float32", "bfloat16", "float16")),
+            "loss.agreement": (self.loss.agreement, ("consensus", "union", "video", "audio")),
+            "train.precision": (self.train.precision, ("auto", "bf16", "fp16", "fp32")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+        positive = {
+            "optim.batch_size": self.optim.batch_size, "optim.epochs": self.optim.epochs,
+            "data.video.frames": self.data.video.frames, "data.video.crop": self.data.video.crop,
+            "model.width": self.model.width, "loss.num_negatives": self.loss.num_negatives,
+            "train.log_every": self.train.log_every,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key} must be positive, got {value}")
+        if self.data.workers < 0:
+            raise ConfigError(f"data.workers must be 0 or more, got {self.data.workers}")
+        if self.loss.kind == "cma" and not self.loss.init_from:
+            raise ConfigError("loss.init_from: CMA starts from an AVID checkpoint; set it, e.g. "
+                              "--set loss.init_from=runs/avid/checkpoints/epoch_0200.pt")
+        return self
+
+    @property
+    def run_dir(self) -> str:
+        return self.out_dir or os.path.join("runs", self.name)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Union:  # Optional[X]
+        if value is None:
+            return None
+        return _convert(value, next(a for a in args if a is not type(None)), key)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+        return _build(hint, value, key + ".")
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, values: Dict[str, Any], prefix: str = ""):
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}'; {prefix.rstrip('.') or 'the top level'} "
+                          f"has: {', '.join(names)}")
+    return cls(**{k: _convert(v, hints[k], prefix + k) for k, v in values.items()})
+
+
+def _set_dotted(tree: Dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: Sequence[str]) -> List[Tuple[str, Any]]:
+    """``key.sub=value`` strings -> (key, YAML-parsed value) pairs."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set optim.lr=1e-4")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text != "" else None
+        except yaml.YAMLError:
+            value = text
+        out.append((key.strip(), value))
+    return out
+
+
+def resolve_config_path(name_or_path: str) -> str:
+    """A YAML path, or the name of a configuration shipped in avidfast/configs (e.g. demo)."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    shipped = os.path.join(PACKAGE_CONFIGS, name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
+    if os.path.isfile(shipped):
+        return shipped
+    raise ConfigError(f"config {name_or_path}: no such file, and not one of the shipped configs "
+                      f"({', '.join(shipped_configs())})")
+
+
+def shipped_configs() -> List[str]:
+    """Names of the YAML configurations in the package."""
+    return sorted(f[:-5] for f in os.listdir(PACKAGE_CONFIGS) if f.endswith(".yaml"))
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
+    """Reads a YAML config (path or shipped name), applies ``key=value`` overrides, validates."""
+    path = resolve_config_path(path)
+    try:
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config {path}: not valid YAML ({error})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config {path}: expected a mapping at the top level")
+    for key, value in parse_overrides(overrides):
+        _set_dotted(tree, key, value)
+    return _build(Config, tree).validate()
+
+
+def config_from_dict(tree: Dict[str, Any]) -> Config:
+    """A validated Config from a plain dict (e.g. the one saved in a checkpoint)."""
+    return _build(Config, tree).validate()

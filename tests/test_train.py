@@ -1,0 +1,203 @@
+"""Training: configs, exact resume, precision paths, SIGTERM, two-process banks."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from avidfast.data.synthetic import make_dataset
+from avidfast.train import checkpoint as ckpt
+from avidfast.train.config import ConfigError, config_from_dict, load_config, shipped_configs
+from avidfast.train.loop import TrainingError, build_criterion, build_model, train
+
+TINY = [
+    "model.width=4", "data.video.frames=4", "data.video.crop=32", "data.workers=0", "optim.batch_size=4",
+    "loss.num_negatives=4", "optim.epochs=2", "train.progress=false", "train.log_every=1",
+    "train.channels_last=false", "train.precision=fp32",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    return make_dataset(str(tmp_path_factory.mktemp("set")), num_videos=8, num_classes=2, seconds=2.0, seed=1,
+                        size=(64, 48), workers=1)
+
+
+def _cfg(manifest, out_dir, *extra):
+    return load_config("demo", TINY + [f"data.manifest={manifest}", f"out_dir={out_dir}", *extra])
+
+
+@pytest.mark.parametrize("name", shipped_configs())
+def test_every_shipped_config_parses_and_builds(name):
+    cfg = load_config(name)
+    model = build_model(cfg)
+    init = None
+    if cfg.loss.kind == "cma":
+        avid = build_criterion(config_from_dict({**cfg.to_dict(), "loss": {"kind": "avid", "num_negatives": 100}}), 2000)
+        init = {"criterion": avid.state_dict()}
+    criterion = build_criterion(cfg, 2000, init)
+    assert type(criterion).__name__ == ("CMALoss" if cfg.loss.kind == "cma" else "AVIDLoss")
+    assert cfg.model.preset in ("table5", "table6") and sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_table3_rows_hold_the_papers_hyper_parameters():
+    rows = {"avid_s4_audioset": (32, 5e-4, 1e-5, 400, 100_000), "avid_s6_audioset": (32, 5e-4, 1e-5, 200, 1_800_000),
+            "avid_s6_kinetics": (32, 2e-4, 1e-5, 300, 240_000), "cma_s5_audioset": (32, 5e-4, 1e-5, 200, 100_000),
+            "cma_s6_audioset": (32, 5e-4, 1e-5, 200, 1_800_000), "cma_s6_kinetics": (32, 2e-4, 1e-5, 300, 240_000)}
+    for name, (bs, lr, wd, ep, es) in rows.items():
+        o = load_config(name).optim
+        assert (o.batch_size, o.lr, o.weight_decay, o.epochs, o.samples_per_epoch) == (bs, lr, wd, ep, es), name
+        v = load_config(name).data.video
+        assert (v.min_area, v.flip, v.brightness, v.saturation, v.contrast, v.hue) == (0.08, 0.5, 0.4, 0.4, 0.4, 0.2)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="unknown key 'optim.learning_rate'.*lr"):
+        load_config("demo", ["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match="optim.batch_size: expected an integer"):
+        load_config("demo", ["optim.batch_size=big"])
+    with pytest.raises(ConfigError, match="loss.mode: 'crosss' is not one of"):
+        load_config("demo", ["loss.mode=crosss"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config("demo", ["optim.lr"])
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config("nonexistent_config")
+    with pytest.raises(ConfigError, match="loss.init_from"):
+        load_config("cma_s5_audioset", ["loss.init_from=null"])
+
+
+def _final_state(run_dir):
+    return ckpt.load_checkpoint(os.path.join(run_dir, "checkpoints", "last.pt"))
+
+
+def _metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        return [line.split(",")[:3] for line in f.read().splitlines()[1:]]
+
+
+def test_two_epochs_equal_one_epoch_resume_one_epoch(tiny_set, tmp_path):
+    straight = train(_cfg(tiny_set, tmp_path / "straight"))
+    assert straight.epochs_done == 2 and straight.steps == 4 and not straight.interrupted
+    train(_cfg(tiny_set, tmp_path / "split", "optim.epochs=1"))
+    resumed = train(_cfg(tiny_set, tmp_path / "split"), resume=True)
+    assert resumed.steps == 2
+    a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "split")
+    for part in ("model", "criterion"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
+    assert _metrics(tmp_path / "straight") == _metrics(tmp_path / "split")
+    assert straight.last_loss == resumed.last_loss
+
+
+def test_resume_in_the_middle_of_an_epoch_is_exact(tiny_set, tmp_path):
+    train(_cfg(tiny_set, tmp_path / "straight"))
+    stopped = train(_cfg(tiny_set, tmp_path / "split"), max_steps=3)
+    state = _final_state(tmp_path / "split")
+    assert (state["epoch"], state["batches_done"]) == (1, 1) and stopped.steps == 3
+    train(_cfg(tiny_set, tmp_path / "split"), resume=True)
+    a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "split")
+    for key in a["criterion"]:
+        assert torch.equal(a["criterion"][key], b["criterion"][key]), key
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_a_second_run_in_the_same_folder_needs_resume(tiny_set, tmp_path):
+    train(_cfg(tiny_set, tmp_path / "run", "optim.epochs=1"))
+    with pytest.raises(TrainingError, match="--resume"):
+        train(_cfg(tiny_set, tmp_path / "run", "optim.epochs=1"))
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        train(_cfg(tiny_set, tmp_path / "other"), resume=True)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_paths_run(tiny_set, tmp_path, precision):
+    result = train(_cfg(tiny_set, tmp_path / precision, f"train.precision={precision}", "optim.epochs=1"))
+    assert result.steps == 2 and torch.isfinite(torch.tensor(result.last_loss))
+    state = _final_state(tmp_path / precision)
+    assert state["scaler"] != {} if precision == "fp16" else True
+    assert all(v.dtype != torch.float16 for v in state["model"].values())  # weights stay float32
+
+
+def test_run_folder_holds_config_provenance_and_logs(tiny_set, tmp_path):
+    import json
+
+    import yaml
+
+    train(_cfg(tiny_set, tmp_path / "run", "optim.epochs=1"))
+    run = tmp_path / "run"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["manifest"] == tiny_set and saved["model"]["width"] == 4
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["seed"] == 0 and "torch" in meta["versions"] and meta["commit"]
+    assert "epoch 1/1" in (run / "train.log").read_text()
+    assert any(name.startswith("events") for name in os.listdir(run / "tb"))
+    assert set(os.listdir(run / "checkpoints")) == {"last.pt", "epoch_0001.pt"}
+
+
+def test_cma_starts_from_an_avid_checkpoint(tiny_set, tmp_path):
+    train(_cfg(tiny_set, tmp_path / "avid", "optim.epochs=1"))
+    avid = _final_state(tmp_path / "avid")
+    init = str(tmp_path / "avid" / "checkpoints" / "epoch_0001.pt")
+    result = train(_cfg(tiny_set, tmp_path / "cma", "loss.kind=cma", f"loss.init_from={init}", "loss.num_positives=2",
+                        "loss.num_negatives=3", "loss.num_negatives_within=2", "optim.epochs=1"))
+    assert result.steps == 2
+    cma = _final_state(tmp_path / "cma")
+    assert (cma["criterion"]["positives"] >= 0).all()  # mined at the start
+    # the cross-modal partitions (v2a, a2v) carry over; the within-modal ones are estimated anew
+    assert torch.equal(cma["criterion"]["Z"][:2], avid["criterion"]["Z"][:2])
+    assert (cma["criterion"]["Z"][2:] > 0).all() and (avid["criterion"]["Z"][2:] < 0).all()
+
+
+def test_sigterm_mid_epoch_leaves_a_loadable_checkpoint(tiny_set, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "avidfast.cli", "train", "demo"] + [
+        f"--set={item}" for item in TINY + [f"data.manifest={tiny_set}", f"out_dir={run}", "optim.epochs=50"]]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 143, output
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] < 50 and "stopped at epoch" in output
+    resumed = train(_cfg(tiny_set, run, "optim.epochs=1" if state["epoch"] == 0 else f"optim.epochs={state['epoch'] + 1}"),
+                    resume=True)
+    assert not resumed.interrupted
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_worker(rank, world, port, manifest, out_dir, result_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    try:
+        result = train(_cfg(manifest, out_dir, "optim.batch_size=2", "optim.epochs=1"), max_steps=2)
+        torch.save({k: v.clone() for k, v in result.criterion.state_dict().items()},
+                   os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_two_processes_keep_identical_banks(tiny_set, tmp_path):
+    mp.spawn(_rank_worker, args=(2, _free_port(), tiny_set, str(tmp_path / "run"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    assert int(ranks[0]["step"]) == 2
+    start = build_criterion(_cfg(tiny_set, tmp_path / "x"), 8).state_dict()
+    assert not torch.equal(start["video_memory.memory"], ranks[0]["video_memory.memory"])  # they were updated
