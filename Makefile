@@ -20,7 +20,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
 
 help:
 	@echo "make test         build into $(VENV) (TORCH_SPEC=$(TORCH_SPEC)) and run the whole test suite"
-	@echo "make demo         the main job: avidfast bench ops (ours vs the reference formulation)"
+	@echo "make demo         the main job: synthetic data, Cross-AVID training on this CPU, probes (runs/demo)"
 	@echo "make bench        the pytest-benchmark suites in benchmarks/"
 	@echo "make media        fetch the real test clips into $(CACHE_DIR)/media (the tests skip without them)"
 	@echo "make cuda-check   compile every .cu against $(CUDA_TORCH_SPEC) (venv: $(CUDA_VENV))"
@@ -49,7 +49,7 @@ test: install media
 	$(BIN)/python -m pytest tests
 
 demo: install
-	$(BIN)/avidfast bench ops
+	$(BIN)/avidfast demo --out runs/demo
 
 bench: install
 	$(BIN)/python -m pytest benchmarks --benchmark-columns=median,iqr,rounds

@@ -15,10 +15,13 @@ from avidfast.bench.cma_suite import CMABenchConfig
 from avidfast.bench.ops_suite import CASES as OPS_CASES
 from avidfast.bench.ops_suite import OpsBenchConfig
 from avidfast.bench.report import describe_machine
+from avidfast.bench.train_suite import CASES as TRAIN_CASES
+from avidfast.bench.train_suite import TrainBenchConfig
 from avidfast.bench.timing import peak_extra_memory, peak_resident_growth
 
 DEVICE = os.environ.get("AVIDFAST_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
-SUITES = {"ops": (OPS_CASES, OpsBenchConfig), "cma": (CMA_CASES, CMABenchConfig)}
+SUITES = {"ops": (OPS_CASES, OpsBenchConfig), "cma": (CMA_CASES, CMABenchConfig),
+          "train": (TRAIN_CASES, TrainBenchConfig)}
 _RECORDS = {}
 
 

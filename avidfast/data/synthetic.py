@@ -5,7 +5,9 @@ the same code as downloaded media: ``avidfast prepare``, the PyAV loader, the DA
 
 Class ``c`` fixes
   * the picture: a shape (6 kinds), a motion pattern (5 kinds) and a hue; shape and motion
-    together are distinct for the first 30 classes, the hue for all of them;
+    together are distinct for the first 30 classes, the hue for all of them, but only a quarter
+    of the clips (COLOUR_CUE) are painted in their class's hue, the others in a random one, so
+    that colour alone (which even a random network's first layer reads) does not give the class;
   * the sound: a pitch (24 semitone steps over two octaves), a rhythm (steady tone or 2, 3 or
     4 beeps per second) and a timbre (3 harmonic mixes); the pitch alone is distinct for the
     first 24 classes.
@@ -29,7 +31,8 @@ from avidfast.files import atomic_write_text
 
 MANIFEST_NAME = "manifest.csv"
 PARAMS_NAME = "synthetic.json"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+COLOUR_CUE = 0.25  # share of clips painted in their class's hue
 _SHAPES = ("disc", "square", "diamond", "ring", "cross", "triangle")
 _MOTIONS = ("horizontal", "vertical", "circle", "diagonal", "pulse")
 _RHYTHMS = (0.0, 2.0, 3.0, 4.0)  # beeps per second at tempo 1 (0: a steady tone)
@@ -210,7 +213,8 @@ def render_clip(label: int, rng: np.random.Generator, seconds: float, size: Tupl
     rr = r[:, None, None].astype(np.float32)
     mask = _shape_mask(style["shape"], dx, dy, rr)
 
-    hue = (style["hue"] + rng.uniform(-0.03, 0.03)) % 1.0
+    own_colour = rng.random() < COLOUR_CUE
+    hue = ((style["hue"] if own_colour else rng.random()) + rng.uniform(-0.03, 0.03)) % 1.0
     colour = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0))) * 255
     background = rng.uniform(0, 70, size=3)
     noise = rng.uniform(4, 12)
