@@ -15,7 +15,6 @@ def _file_stats(task: Tuple[str, Optional[float], str, float]) -> Tuple[str, Opt
     """Accumulates the dB spectrogram of up to max_seconds of one file's audio."""
     path, duration, preset_name, max_seconds = task
     preset = audio_ops.get_preset(preset_name)
-    torch.set_num_threads(1)
     try:
         if duration is None:
             import av
@@ -53,7 +52,7 @@ def compute_stats(
     total = audio_ops.RunningStats(preset.bins)
     failed = 0
     if workers > 0:
-        pool = ProcessPoolExecutor(max_workers=workers)
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,))
         results = pool.map(_file_stats, tasks, chunksize=4)
     else:
         pool, results = None, map(_file_stats, tasks)

@@ -114,6 +114,9 @@ def run_demo(settings: DemoSettings) -> Dict[str, object]:
     if settings.epochs is not None:
         overrides.append(f"optim.epochs={settings.epochs}")
     cfg = load_config("demo", overrides)
+    if cfg.loss.num_negatives > len(manifest) - 2:  # a toy-sized set has fewer other videos than K
+        overrides.append(f"loss.num_negatives={len(manifest) - 2}")
+        cfg = load_config("demo", overrides)
     preset = get_preset(cfg.data.audio.preset)
     stats_path = os.path.join(out, "data", f"{preset.name}-stats.npz")
     if not os.path.isfile(stats_path):
