@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from avidfast.models.init import init_conv_bn_
+
 # preset -> (stride of block2, native input (F, T))
 AUDIO_PRESETS: Dict[str, Tuple[int, Tuple[int, int]]] = {
     "table5": (1, (129, 100)),
@@ -125,13 +127,7 @@ class AudioEncoder(nn.Module):
 
     def reset_parameters(self) -> None:
         """Kaiming-normal (fan_out, relu) convs, unit/zero BNs, zeroed bn2 if asked."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-                m.reset_running_stats()
+        init_conv_bn_(self)
         if self.zero_init_last_bn:
             for m in self.modules():
                 if isinstance(m, AudioBlock):

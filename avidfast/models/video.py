@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from avidfast.models.init import init_conv_bn_
+
 # preset -> (residual blocks per stage, max-pool in the stem, native input (T, H=W))
 VIDEO_PRESETS: Dict[str, Tuple[int, bool, Tuple[int, int]]] = {
     "table5": (1, False, (16, 112)),
@@ -204,13 +206,7 @@ class VideoEncoder(nn.Module):
 
     def reset_parameters(self) -> None:
         """Kaiming-normal (fan_out, relu) convs, unit/zero BNs, zeroed last BNs if asked."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv3d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm3d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-                m.reset_running_stats()
+        init_conv_bn_(self)
         if self.zero_init_last_bn:
             for m in self.modules():
                 if isinstance(m, R2Plus1DBlock):
