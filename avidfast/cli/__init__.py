@@ -1,0 +1,37 @@
+"""The `avidfast` command line: one module per command group, each with a `register(commands)`."""
+import argparse
+import sys
+from typing import List, Optional
+
+from avidfast import __version__
+from avidfast.cli import bench, data, train
+from avidfast.cli.common import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every command registered."""
+    parser = argparse.ArgumentParser(
+        prog="avidfast", description="Fast AVID / CMA audio-visual self-supervised learning.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"avidfast {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    bench.register(commands)
+    data.register(commands)
+    train.register(commands)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except UserError as error:
+        print(f"avidfast: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("avidfast: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+

@@ -1,0 +1,6 @@
+"""`python -m avidfast.cli`."""
+import sys
+
+from avidfast.cli import main
+
+sys.exit(main())

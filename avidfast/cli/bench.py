@@ -1,0 +1,186 @@
+"""`avidfast bench`: the benchmark suites (ops, cma, loader, train), ours against the reference formulation."""
+import argparse
+import json
+import sys
+
+import torch
+
+from avidfast.cli.common import UserError, check_device, positive_int, read_manifest
+
+BANK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _run_bench(args: argparse.Namespace, builders, cfg, scale: float = 1.0) -> None:
+    """Runs the selected cases of a suite, prints the table and optionally writes JSON."""
+    from avidfast.bench.report import describe_machine, format_table
+    from avidfast.bench.suite import run_suite
+    from avidfast.files import atomic_write_text
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in args.case or []:
+        if name not in builders:
+            raise UserError(f"--case {name}: unknown case; choose from {', '.join(builders)}")
+    machine = describe_machine(args.device)
+    results = run_suite(builders, cfg, args.case, progress=lambda message: print(message, file=sys.stderr, flush=True))
+    print(format_table(results, machine, scale))
+    if args.json:
+        config = {key: str(value) if isinstance(value, torch.dtype) else value for key, value in vars(cfg).items()}
+        payload = {"machine": machine, "config": config, "results": [r.as_dict() for r in results]}
+        atomic_write_text(args.json, json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+def _bench_ops(args: argparse.Namespace) -> None:
+    from avidfast.bench.ops_suite import CASES, OpsBenchConfig
+
+    check_device(args.device)
+    if args.negatives >= args.num_items - 1:
+        raise UserError(f"--negatives {args.negatives} must be smaller than --num-items - 1 = {args.num_items - 1}")
+    cfg = OpsBenchConfig(
+        num_items=args.num_items, batch=args.batch, negatives=args.negatives, dim=args.dim,
+        bank_dtype=BANK_DTYPES[args.bank_dtype], device=args.device, rounds=args.rounds,
+        warmup=args.warmup, seed=args.seed,
+    )
+    _run_bench(args, CASES, cfg)
+
+
+def _bench_cma(args: argparse.Namespace) -> None:
+    from avidfast.bench.cma_suite import CASES, CMABenchConfig
+
+    check_device(args.device)
+    if args.k >= args.num_items - 1:
+        raise UserError(f"--k {args.k} must be smaller than --num-items - 1 = {args.num_items - 1}")
+    cfg = CMABenchConfig(
+        num_items=args.num_items, dim=args.dim, k=args.k, mode=args.mode, queries=args.queries,
+        device=args.device, rounds=args.rounds, warmup=args.warmup, seed=args.seed,
+    )
+    queries = args.queries if 0 < args.queries < args.num_items else args.num_items
+    _run_bench(args, CASES, cfg, scale=args.num_items / queries)
+
+
+def _add_common_bench_options(parser: argparse.ArgumentParser, rounds: int, rounds_help: str,
+                              warmup: int) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--rounds", type=positive_int, default=rounds, help=rounds_help)
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed rounds first")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of banks, batches and draws")
+    parser.add_argument("--case", action="append", help="run only this case (repeatable)")
+    parser.add_argument("--json", help="also write the results to this JSON file (atomically)")
+
+
+def _bench_loader(args: argparse.Namespace) -> None:
+    import logging
+
+    from avidfast.bench.loader_suite import LoaderBenchConfig, format_loader_table, run_loader_benchmark
+    from avidfast.bench.report import describe_machine
+    from avidfast.data.video import VideoConfig
+    from avidfast.files import atomic_write_text
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if args.dali_device is not None:
+        check_device("cuda")
+    manifest = read_manifest(args.manifest)
+    dali_manifest = read_manifest(args.dali_manifest) if args.dali_manifest else None
+    cfg = LoaderBenchConfig(
+        video=VideoConfig(frames=args.frames, crop=args.crop), audio_preset=args.audio_preset,
+        batch_size=args.batch, workers=args.workers, clips=args.clips, rounds=args.rounds, seed=args.seed,
+    )
+    results = run_loader_benchmark(
+        manifest, cfg, dali_manifest=dali_manifest, dali_device=args.dali_device, baseline=not args.no_baseline,
+        progress=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+    files = args.manifest + (f" (DALI: {args.dali_manifest})" if args.dali_manifest else "")
+    machine = describe_machine("cuda" if args.dali_device is not None else "cpu")
+    print(format_loader_table(results, cfg, machine, files))
+    if args.json:
+        payload = {"machine": machine, "files": files, "config": {k: str(v) for k, v in vars(cfg).items()},
+                   "results": [{"variant": r.name, "description": r.description, "clips_per_s": r.rates,
+                                "median": r.median} for r in results]}
+        atomic_write_text(args.json, json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+def _bench_train(args: argparse.Namespace) -> None:
+    from avidfast.bench.train_suite import CASES, TrainBenchConfig
+
+    check_device(args.device)
+    cfg = TrainBenchConfig(preset=args.preset, width=args.width, batch=args.batch, num_items=args.num_items,
+                           negatives=args.negatives, device=args.device, rounds=args.rounds, warmup=args.warmup,
+                           seed=args.seed)
+    _run_bench(args, CASES, cfg)
+
+
+def register(commands) -> None:
+    """Adds `bench` and its suites to the top-level subparsers."""
+    bench = commands.add_parser("bench", help="benchmarks against the reference formulation")
+    suites = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")
+    ops = suites.add_parser(
+        "ops", help="memory-bank operators: ours vs the reference formulation, in one run",
+        description="Times each case (ours and the reference implementation's formulation, "
+                    "interleaved rounds), then measures peak extra memory, and prints median ms, "
+                    "speed-up and memory ratio.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ops.add_argument("--num-items", type=positive_int, default=500_000, help="memory slots N")
+    ops.add_argument("--batch", type=positive_int, default=128, help="batch size B")
+    ops.add_argument("--negatives", type=positive_int, default=1024, help="negatives K per row")
+    ops.add_argument("--dim", type=positive_int, default=128, help="embedding size D")
+    ops.add_argument("--bank-dtype", choices=sorted(BANK_DTYPES), default="float32", help="bank storage dtype")
+    _add_common_bench_options(ops, 15, "timed rounds of the step case (x4 for the short cases)", 3)
+    ops.set_defaults(handler=_bench_ops)
+    cma = suites.add_parser(
+        "cma", help="CMA positive mining: cma_topk vs the 16-query method and a bare matrix-product pass",
+        description="Times positive mining with float32 and bfloat16 banks against the reference's "
+                    "16-queries-at-a-time method and a pass of the matrix products alone (both on "
+                    "float32 banks), interleaved, on a slice of the queries (every variant scales "
+                    "linearly with them), and prints medians, the time extrapolated to all N "
+                    "queries, speed-ups and peak extra (resident) memory.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    cma.add_argument("--num-items", type=positive_int, default=50_000, help="instances N")
+    cma.add_argument("--dim", type=positive_int, default=128, help="embedding size D")
+    cma.add_argument("--k", type=positive_int, default=32, help="positives per query")
+    cma.add_argument("--mode", choices=["consensus", "union", "video", "audio"], default="consensus", help="agreement")
+    cma.add_argument("--queries", type=int, default=4096, help="queries mined per round (0: all N)")
+    _add_common_bench_options(cma, 3, "timed rounds", 1)
+    cma.set_defaults(handler=_bench_cma)
+    loader = suites.add_parser(
+        "loader", help="data pipeline: avidfast CPU pipeline vs a reference-shaped loader (and DALI)",
+        description="Reads training clips (random clip, crop, flip, colour and audio jitter) with our CPU "
+                    "pipeline and with a loader shaped like the reference implementation's (PyAV -> PIL "
+                    "per frame -> PIL transforms -> numpy STFT), same files and worker count, "
+                    "interleaved rounds; optionally the DALI pipeline on --dali-manifest (CPU mode "
+                    "needs VP9 video + WAV/FLAC audio: avidfast prepare --transcode vp9 --extract-audio wav).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    loader.add_argument("manifest", metavar="MANIFEST", help="manifest CSV of the clips both CPU loaders read")
+    loader.add_argument("--dali-manifest", help="manifest for the DALI pipeline (None: DALI is not timed)")
+    loader.add_argument("--dali-device", type=int, help="GPU for DALI (None: DALI's CPU mode)")
+    loader.add_argument("--no-baseline", action="store_true", help="skip the reference-shaped loader")
+    loader.add_argument("--workers", type=positive_int, default=2, help="DataLoader workers (DALI: threads)")
+    loader.add_argument("--batch", type=positive_int, default=8, help="batch size")
+    loader.add_argument("--clips", type=positive_int, default=64, help="timed clips per round")
+    loader.add_argument("--rounds", type=positive_int, default=3, help="rounds (the median is reported)")
+    loader.add_argument("--frames", type=positive_int, default=16, help="frames per clip (16 fps)")
+    loader.add_argument("--crop", type=positive_int, default=112, help="crop size, pixels")
+    loader.add_argument("--audio-preset", choices=["table5", "table6"], default="table5", help="spectrogram preset")
+    loader.add_argument("--seed", type=int, default=0, help="seed of the clip choice and augmentation")
+    loader.add_argument("--json", help="also write the results to this JSON file (atomically)")
+    loader.set_defaults(handler=_bench_loader)
+    step = suites.add_parser(
+        "train", help="training-step throughput: ours (fused loss, channels_last, bf16) vs a reference-shaped step",
+        description="Times one training step (encoders + heads forward, loss, backward, Adam, bank update) on "
+                    "random clips: ours with the fused AVIDLoss in fp32, with channels_last_3d, and with "
+                    "bf16 autocast, each interleaved with a reference-shaped step (fp32, contiguous, "
+                    "gather/bmm/unfused NCE loss) on a copy of the same model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    step.add_argument("--preset", choices=["table5", "table6"], default="table5", help="networks and input sizes")
+    step.add_argument("--width", type=positive_int, default=64, help="channels of the first stage")
+    step.add_argument("--batch", type=positive_int, default=8, help="clips per step")
+    step.add_argument("--num-items", type=positive_int, default=100_000, help="memory slots N")
+    step.add_argument("--negatives", type=positive_int, default=1024, help="negatives K")
+    _add_common_bench_options(step, 5, "timed rounds", 1)
+    step.set_defaults(handler=_bench_train)

@@ -1,0 +1,120 @@
+"""`avidfast prepare`, `avidfast synthetic` and `avidfast stats`: data preparation commands."""
+import argparse
+
+from avidfast.cli.common import (UserError, frame_size, non_negative_float, non_negative_int, positive_int,
+                                     read_manifest)
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from avidfast.data.prepare import PrepareError, prepare
+
+    try:
+        summary = prepare(
+            args.src, args.out, root=args.root, workers=args.workers, extract_audio=args.extract_audio,
+            transcode=args.transcode, fps=args.fps, gop=args.gop, min_seconds=args.min_seconds,
+            check=args.check, progress=not args.quiet,
+        )
+    except PrepareError as error:
+        raise UserError(str(error)) from None
+    except OSError as error:
+        raise UserError(f"{error.filename or args.out}: {error.strerror or error}") from None
+    print(summary.format())
+
+
+def _synthetic(args: argparse.Namespace) -> None:
+    from avidfast.data.synthetic import DatasetError, make_dataset
+
+    try:
+        path = make_dataset(
+            args.out, args.videos, args.classes, args.seconds, args.seed, size=args.size, fps=args.fps,
+            sample_rate=args.sample_rate, workers=args.workers or None, progress=not args.quiet,
+        )
+    except DatasetError as error:
+        raise UserError(str(error)) from None
+    except OSError as error:
+        raise UserError(f"{error.filename or args.out}: {error.strerror or error}") from None
+    print(f"{args.videos} clips of {args.classes} classes; manifest: {path}")
+
+
+def _stats(args: argparse.Namespace) -> None:
+    import logging
+
+    from avidfast.data.audio import get_preset
+    from avidfast.data.stats import compute_stats
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    manifest = read_manifest(args.manifest, args.root)
+    preset = get_preset(args.audio_preset)
+    out = args.out or f"{args.manifest.rsplit('.', 1)[0]}.{preset.name}-stats.npz"
+    try:
+        stats, failed = compute_stats(manifest, preset, workers=args.workers, max_seconds=args.max_seconds,
+                                      progress=not args.quiet)
+    except ValueError as error:
+        raise UserError(f"{args.manifest}: {error}") from None
+    stats.save(out)
+    print(f"{preset.name}: mean/std of {stats.count} spectrogram frames over {len(manifest) - failed} of "
+          f"{len(manifest)} files ({failed} unreadable, see warnings); wrote {out}")
+
+
+def register(commands) -> None:
+    """Adds prepare, synthetic and stats to the top-level subparsers."""
+    prep = commands.add_parser(
+        "prepare", help="probe videos, keep the usable ones, optionally extract audio / re-encode",
+        description="Probes every video of SRC (a manifest CSV, or a folder searched for "
+                    ".mp4/.mkv/.webm/.avi/.mov/.m4v) in worker processes and writes OUT/manifest.csv "
+                    "(usable clips with duration, fps, size, audio rate and channels; paths relative "
+                    "to OUT) and OUT/rejected.csv (path, reason). Optionally extracts 24 kHz mono "
+                    "audio and re-encodes video at a constant frame rate with a short GOP. Sources "
+                    "are never modified; rerunning skips work already done.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    prep.add_argument("src", metavar="SRC", help="manifest CSV (column 'path', optional 'label') or folder")
+    prep.add_argument("out", metavar="OUT", help="output folder (not the source folder)")
+    prep.add_argument("--root", help="folder the manifest's relative paths start from (None: the manifest's folder)")
+    prep.add_argument("--workers", type=non_negative_int, default=2, help="worker processes (0: in this process)")
+    prep.add_argument("--extract-audio", choices=["wav", "flac"], help="write 24 kHz mono audio under OUT/audio")
+    prep.add_argument("--transcode", choices=["h264", "vp9"],
+                      help="re-encode under OUT/videos: h264 (MP4, for GPU decoding) or vp9 (WebM, decodable by DALI on CPU)")
+    prep.add_argument("--min-seconds", type=non_negative_float, default=2.0, help="reject shorter clips")
+    prep.add_argument("--fps", type=positive_int, default=16, help="frame rate of re-encoded video")
+    prep.add_argument("--gop", type=positive_int, default=16, help="keyframe interval of re-encoded video, in frames")
+    prep.add_argument("--check", choices=["header", "fast", "full"], default="fast",
+                      help="how hard to probe: headers only; all packets + all audio + video start and last "
+                           "second; or decode every frame")
+    prep.add_argument("--quiet", action="store_true", help="no progress bars")
+    prep.set_defaults(handler=_prepare)
+
+    syn = commands.add_parser(
+        "synthetic", help="write a synthetic labelled audio-visual data set (real MP4 files)",
+        description="Writes deterministic clips (H.264 + AAC) whose picture (shape, motion, colour) and "
+                    "sound (pitch, rhythm, timbre) share a hidden class, with per-clip nuisance, plus "
+                    "OUT/manifest.csv (path,label). Refuses a folder holding a different data set.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    syn.add_argument("out", metavar="OUT", help="output folder")
+    syn.add_argument("--videos", type=positive_int, default=200, help="number of clips")
+    syn.add_argument("--classes", type=positive_int, default=10, help="number of classes")
+    syn.add_argument("--seconds", type=float, default=4.0, help="clip length")
+    syn.add_argument("--seed", type=int, default=0, help="same seed, same clips")
+    syn.add_argument("--size", type=frame_size, default=(128, 128), help="frame WIDTHxHEIGHT (even)")
+    syn.add_argument("--fps", type=positive_int, default=16, help="frames per second")
+    syn.add_argument("--sample-rate", type=positive_int, default=24000, help="audio sample rate, Hz")
+    syn.add_argument("--workers", type=non_negative_int, default=0, help="encoding processes (0: automatic)")
+    syn.add_argument("--quiet", action="store_true", help="no progress bar")
+    syn.set_defaults(handler=_synthetic)
+
+    stats = commands.add_parser(
+        "stats", help="per-frequency mean/std of the log-spectrogram over a training set (.npz)",
+        description="Decodes the first --max-seconds of every row's audio (the extracted file when the "
+                    "manifest has audio_path), computes the dB power spectrogram of the preset and writes "
+                    "the mean and std of each frequency bin over all frames, for Z-normalisation.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    stats.add_argument("manifest", metavar="MANIFEST", help="training manifest CSV")
+    stats.add_argument("--root", help="folder the manifest's relative paths start from (None: its folder)")
+    stats.add_argument("--audio-preset", choices=["table5", "table6"], default="table5", help="spectrogram preset")
+    stats.add_argument("--out", help="output .npz (None: MANIFEST without .csv + .PRESET-stats.npz)")
+    stats.add_argument("--workers", type=non_negative_int, default=2, help="worker processes (0: in this process)")
+    stats.add_argument("--max-seconds", type=non_negative_float, default=30.0, help="audio read per file")
+    stats.add_argument("--quiet", action="store_true", help="no progress bar")
+    stats.set_defaults(handler=_stats)
