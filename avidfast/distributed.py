@@ -1,6 +1,8 @@
-"""Collectives the losses need, as no-ops when torch.distributed is not initialised."""
+"""torch.distributed helpers: process-group start-up under torchrun, and the collectives the losses
+need, as no-ops when torch.distributed is not initialised."""
+import os
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -59,3 +61,17 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def init_from_env() -> Tuple[int, int, int]:
+    """(rank, world size, local rank); under torchrun (WORLD_SIZE > 1) initialises the process
+    group first: NCCL when CUDA is visible (each process on cuda:LOCAL_RANK), else gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0

@@ -21,3 +21,13 @@ def test_demo_runs_end_to_end_and_reuses_its_work(tmp_path, capsys):
     run_demo(settings)  # a finished run is reused, not retrained
     assert os.path.getmtime(tmp_path / "demo" / "train" / "checkpoints" / "last.pt") == mtime
     assert "reusing the finished run" in (tmp_path / "demo" / "train.log").read_text()
+    # a finished run trained otherwise is never silently reused (nor overwritten)
+    import dataclasses
+
+    import pytest
+
+    from avidfast.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="other settings"):
+        run_demo(dataclasses.replace(settings, overrides=["optim.lr=1e-3"]))
+    assert os.path.getmtime(tmp_path / "demo" / "train" / "checkpoints" / "last.pt") == mtime

@@ -69,6 +69,14 @@ def test_config_errors_name_the_key():
         load_config("nonexistent_config")
     with pytest.raises(ConfigError, match="loss.init_from"):
         load_config("cma_s5_audioset", ["loss.init_from=null"])
+    with pytest.raises(ConfigError, match="optim.lr: expected a number, got 'fast'"):
+        load_config("demo", ["optim.lr=fast"])
+
+
+def test_numbers_in_e_notation_without_a_dot_are_numbers():
+    # YAML 1.1 reads 1e-3 as a string; configs and --set accept it as the number users mean
+    assert load_config("demo", ["optim.lr=1e-3"]).optim.lr == 1e-3
+    assert load_config("demo", ["optim.weight_decay=5E-5"]).optim.weight_decay == 5e-5
 
 
 def _final_state(run_dir):

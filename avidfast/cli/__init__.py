@@ -4,7 +4,8 @@ import sys
 from typing import List, Optional
 
 from avidfast import __version__
-from avidfast.cli import bench, data, train
+from avidfast.cli import bench, data, manifest, train
+from avidfast.cli import eval as eval_commands
 from avidfast.cli.common import UserError
 
 
@@ -19,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.register(commands)
     data.register(commands)
     train.register(commands)
+    manifest.register(commands)
+    eval_commands.register(commands)
     return parser
 
 

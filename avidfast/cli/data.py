@@ -112,7 +112,8 @@ def register(commands) -> None:
     )
     stats.add_argument("manifest", metavar="MANIFEST", help="training manifest CSV")
     stats.add_argument("--root", help="folder the manifest's relative paths start from (None: its folder)")
-    stats.add_argument("--audio-preset", choices=["table5", "table6"], default="table5", help="spectrogram preset")
+    stats.add_argument("--audio-preset", choices=["table5", "table6", "reference"], default="table5",
+                       help="spectrogram preset (reference: the paper's released checkpoints' spectrogram)")
     stats.add_argument("--out", help="output .npz (None: MANIFEST without .csv + .PRESET-stats.npz)")
     stats.add_argument("--workers", type=non_negative_int, default=2, help="worker processes (0: in this process)")
     stats.add_argument("--max-seconds", type=non_negative_float, default=30.0, help="audio read per file")

@@ -1,8 +1,10 @@
 """`avidfast train` and `avidfast demo`."""
 import argparse
+import json
 from typing import List
 
 from avidfast.cli.common import UserError, positive_int
+from avidfast.data.synthetic import COLOUR_CUE
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -10,9 +12,12 @@ def _train(args: argparse.Namespace) -> None:
     from avidfast.train.config import ConfigError, load_config
     from avidfast.train.loop import TrainingError, train
 
+    overrides = list(args.set or [])
+    if args.init_from_reference:  # replaces a CMA config's loss.init_from; JSON quoting keeps the path a string
+        overrides += ["loss.init_from=null", "loss.init_from_reference=" + json.dumps(args.init_from_reference)]
     try:
-        cfg = load_config(args.config, args.set or [])
-        result = train(cfg, resume=args.resume)
+        cfg = load_config(args.config, overrides)
+        result = train(cfg, resume=args.resume, trust_reference=args.trust_reference)
     except (ConfigError, TrainingError, ManifestError) as error:
         raise UserError(str(error)) from None
     except FileNotFoundError as error:
@@ -27,7 +32,9 @@ def _demo(args: argparse.Namespace) -> None:
     from avidfast.train.loop import TrainingError
 
     settings = DemoSettings(out_dir=args.out, videos=args.videos, classes=args.classes, seconds=args.seconds,
-                            seed=args.seed, epochs=args.epochs, progress=not args.quiet)
+                            colour_cue=args.colour_cue,
+                            seed=args.seed, epochs=args.epochs, progress=not args.quiet,
+                            overrides=args.set or [])
     try:
         run_demo(settings)
     except (ConfigError, TrainingError) as error:
@@ -56,6 +63,12 @@ def register(commands) -> None:
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config value, e.g. --set data.manifest=prep/manifest.csv --set optim.lr=1e-4")
     train.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    train.add_argument("--init-from-reference", metavar="PATH",
+                       help="start the model, memory banks and Z from a checkpoint of the paper's code (a released "
+                            ".pth.tar); replaces loss.init_from of CMA configs")
+    train.add_argument("--trust-reference", action="store_true",
+                       help="read --init-from-reference fully when weights_only loading fails (unpickling can run "
+                            "code: only for files from a source you trust)")
     train.set_defaults(handler=_train)
 
     demo = commands.add_parser(
@@ -71,7 +84,11 @@ def register(commands) -> None:
     demo.add_argument("--videos", type=positive_int, default=240, help="synthetic clips")
     demo.add_argument("--classes", type=positive_int, default=6, help="synthetic classes")
     demo.add_argument("--seconds", type=float, default=4.0, help="clip length")
+    demo.add_argument("--colour-cue", type=float, default=COLOUR_CUE,
+                      help="share of synthetic clips painted in their class's hue (others: random hue)")
     demo.add_argument("--epochs", type=positive_int, help="training epochs (None: the demo config's)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data, the model and the probes")
+    demo.add_argument("--set", action="append", metavar="KEY=VALUE",
+                      help="override a value of the demo training config, e.g. --set optim.lr=1e-3")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_demo)

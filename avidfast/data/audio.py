@@ -8,6 +8,13 @@ The presets follow Tables 5 and 6: ``table5`` is 129 bins x 100 frames (n_fft 25
 samples (the FFT cannot be shorter than its window). A window of ``seconds`` seconds is
 ``frames * hop_length`` samples; centred framing gives one frame more, and the last is dropped,
 so every frame's centre lies inside the window.
+
+The ``reference`` preset reproduces the spectrogram of the paper's released checkpoints
+(facebookresearch/AVID-CMA, datasets/preprocessing.py, librosa 0.7): an STFT of 2 x n_fft samples
+(Hann window of that length, centred, reflect padding), power, bin 0 kept and bins 1.. averaged in
+adjacent pairs (n_fft 512 -> 257 bins), 10 ms hop, dB floored 100 dB below each example's maximum;
+Z-normalised with the per-bin mean/std the user supplies. The CPU pipeline computes it; the DALI
+pipeline refuses it.
 """
 import math
 from dataclasses import dataclass
@@ -28,15 +35,22 @@ class SpectrogramPreset:
     """Shape and framing of the log-spectrogram an audio encoder expects."""
 
     name: str
-    n_fft: int  # FFT size and window length, samples
+    n_fft: int  # FFT size and window length, samples (paired_bins: half of them)
     hop_length: int  # samples between frames
     frames: int  # time frames of the output
     sample_rate: int = SAMPLE_RATE
+    paired_bins: bool = False  # STFT of 2 * n_fft samples, bin 0 kept, bins 1.. averaged in pairs
+    top_db: Optional[float] = None  # dB floor below each example's maximum (None: no floor)
 
     @property
     def bins(self) -> int:
-        """Frequency bins of the output (n_fft // 2 + 1)."""
+        """Frequency bins of the output (n_fft // 2 + 1, also with paired_bins)."""
         return self.n_fft // 2 + 1
+
+    @property
+    def fft_size(self) -> int:
+        """Samples per STFT frame and window length: n_fft, or 2 * n_fft with paired_bins."""
+        return 2 * self.n_fft if self.paired_bins else self.n_fft
 
     @property
     def seconds(self) -> float:
@@ -52,19 +66,20 @@ class SpectrogramPreset:
 PRESETS = {
     "table5": SpectrogramPreset("table5", n_fft=256, hop_length=480, frames=100),
     "table6": SpectrogramPreset("table6", n_fft=512, hop_length=240, frames=200),
+    "reference": SpectrogramPreset("reference", n_fft=512, hop_length=240, frames=200, paired_bins=True, top_db=100.0),
 }
 
 
 def get_preset(name: str) -> SpectrogramPreset:
-    """The preset called ``name`` (``table5`` or ``table6``)."""
+    """The preset called ``name`` (``table5``, ``table6`` or ``reference``)."""
     if name not in PRESETS:
         raise ValueError(f"audio preset '{name}': unknown; choose from {', '.join(PRESETS)}")
     return PRESETS[name]
 
 
 def hann_window(preset: SpectrogramPreset, device=None) -> torch.Tensor:
-    """The periodic Hann window of n_fft samples (float32), as both pipelines use it."""
-    return torch.hann_window(preset.n_fft, periodic=True, dtype=torch.float32, device=device)
+    """The periodic Hann window of preset.fft_size samples (float32), as both pipelines use it."""
+    return torch.hann_window(preset.fft_size, periodic=True, dtype=torch.float32, device=device)
 
 
 def frames_for(samples: int, preset: SpectrogramPreset) -> int:
@@ -75,24 +90,40 @@ def frames_for(samples: int, preset: SpectrogramPreset) -> int:
 def power_spectrogram(wave: torch.Tensor, preset: SpectrogramPreset) -> torch.Tensor:
     """|STFT|^2 of wave (..., S) float32 -> (..., bins, frames_for(S)) float32.
 
-    Frames are centred on multiples of hop_length, with reflect padding at both ends.
+    Frames of preset.fft_size samples are centred on multiples of hop_length, with reflect padding
+    at both ends. With preset.paired_bins, bin 0 is kept and bins 1.. are averaged in pairs.
     """
     lead = wave.shape[:-1]
     flat = wave.reshape(-1, wave.shape[-1]).float()
-    if flat.shape[-1] <= preset.n_fft // 2:
-        raise ValueError(f"wave has {flat.shape[-1]} samples; needs more than n_fft/2 = {preset.n_fft // 2}")
+    if flat.shape[-1] <= preset.fft_size // 2:
+        raise ValueError(f"wave has {flat.shape[-1]} samples; needs more than half the FFT size, "
+                         f"{preset.fft_size // 2}")
     spec = torch.stft(
-        flat, preset.n_fft, hop_length=preset.hop_length, window=hann_window(preset, flat.device),
+        flat, preset.fft_size, hop_length=preset.hop_length, window=hann_window(preset, flat.device),
         center=True, pad_mode="reflect", return_complex=True,
     )
     power = spec.real.square() + spec.imag.square()
     power = power[..., : frames_for(flat.shape[-1], preset)]
+    if preset.paired_bins:
+        pairs = power[:, 1:].unflatten(1, (preset.bins - 1, 2)).mean(2)
+        power = torch.cat([power[:, :1], pairs], 1)
     return power.reshape(*lead, *power.shape[-2:])
 
 
 def to_db(power: torch.Tensor) -> torch.Tensor:
     """10 log10(max(power, AMIN)) in dB (reference power 1)."""
     return 10.0 * torch.log10(power.clamp_min(AMIN))
+
+
+def floor_db(spec_db: torch.Tensor, top_db: float) -> torch.Tensor:
+    """spec_db (..., F, T) raised to at least (its maximum over F and T) - top_db, per example."""
+    return spec_db.maximum(spec_db.amax(dim=(-2, -1), keepdim=True) - top_db)
+
+
+def db_spectrogram(wave: torch.Tensor, preset: SpectrogramPreset) -> torch.Tensor:
+    """wave (..., S) -> dB power spectrogram (..., bins, frames_for(S)), with the preset's floor."""
+    spec = to_db(power_spectrogram(wave, preset))
+    return spec if preset.top_db is None else floor_db(spec, preset.top_db)
 
 
 def resize_frames(spec: torch.Tensor, frames: int) -> torch.Tensor:
@@ -120,7 +151,7 @@ def log_spectrogram(
     gain multiplies the waveform (volume jitter); a window longer or shorter than preset.samples
     (duration jitter) is resized back to preset.frames; stats, when given, Z-normalise each bin.
     """
-    spec = to_db(power_spectrogram(wave * gain if gain != 1.0 else wave, preset))
+    spec = db_spectrogram(wave * gain if gain != 1.0 else wave, preset)
     spec = resize_frames(spec, preset.frames)
     if stats is not None:
         spec = normalize(spec, stats.mean.to(spec.device), stats.std.to(spec.device))
@@ -185,7 +216,7 @@ class SpectrogramStats:
     preset: str
     mean: torch.Tensor
     std: torch.Tensor
-    count: int  # spectrogram frames averaged
+    count: int  # spectrogram frames averaged (0: unknown, e.g. the reference implementation's file)
 
     def save(self, path: str) -> None:
         """Writes an .npz atomically (keys preset, mean, std, count)."""
@@ -205,11 +236,17 @@ class SpectrogramStats:
 
     @classmethod
     def load(cls, path: str, preset: Optional[SpectrogramPreset] = None) -> "SpectrogramStats":
-        """Reads stats written by :meth:`save`; checks they match ``preset`` when given."""
+        """Reads stats written by :meth:`save`; checks they match ``preset`` when given.
+
+        A file holding only ``mean`` and ``std`` (the reference implementation's statistics) is
+        taken as ``preset``'s, with count 0 (unknown); it needs ``preset``.
+        """
         try:
             with np.load(path) as data:
-                stats = cls(str(data["preset"]), torch.from_numpy(data["mean"]).float(),
-                            torch.from_numpy(data["std"]).float(), int(data["count"]))
+                foreign = "preset" not in data.files and preset is not None
+                stats = cls(preset.name if foreign else str(data["preset"]),
+                            torch.from_numpy(data["mean"]).float().reshape(-1),
+                            torch.from_numpy(data["std"]).float().reshape(-1), 0 if foreign else int(data["count"]))
         except (OSError, KeyError, ValueError) as error:
             raise ValueError(f"spectrogram stats {path}: cannot read ({error}); recreate it with `avidfast stats`") from None
         if preset is not None and (stats.preset != preset.name or stats.mean.numel() != preset.bins):

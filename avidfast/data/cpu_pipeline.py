@@ -10,7 +10,7 @@ and stops with :class:`TooManyBadSamples` once they exceed ``max_bad_fraction`` 
 """
 import logging
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -50,7 +50,8 @@ class ClipDataset(torch.utils.data.Dataset):
     mode ``train``: a random clip start, random resized crop / flip / colour jitter, jittered
     audio window; ``eval``: ``clips_per_video`` evenly spaced clips, resize + centre crop, audio
     at the clip start. Randomness comes from (seed, epoch, position) only, so results do not
-    depend on the number of workers.
+    depend on the number of workers. ``label`` is the position of a row's label in ``classes``
+    (default: the manifest's own sorted labels; a test set passes its training set's).
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class ClipDataset(torch.utils.data.Dataset):
         clips_per_video: int = 1,
         seed: int = 0,
         decode_threads: int = 1,
+        classes: Optional[Sequence[str]] = None,
     ):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got '{mode}'")
@@ -72,7 +74,7 @@ class ClipDataset(torch.utils.data.Dataset):
         self.preset = audio_ops.get_preset(audio_preset) if isinstance(audio_preset, str) else audio_preset
         self.stats, self.clips_per_video, self.seed = stats, clips_per_video, seed
         self.decode_threads = decode_threads
-        self.labels = manifest.label_indices() if manifest.has_labels else None
+        self.labels = manifest.label_indices(classes) if manifest.has_labels else None
         self._probed: Dict[int, Tuple[float, float]] = {}
 
     def __len__(self) -> int:

@@ -679,7 +679,13 @@ def build_dali_loader(
         before DALI sees them; the default on CPU) or 'exists' (existence and size only; the
         default on GPU, where probing would cost throughput).
     max_bad_fraction: stop when more than this share of the manifest's files turned out unusable.
+    The ``reference`` audio preset (paired-bin STFT, dB floor per example) is refused: use the CPU
+    pipeline for it.
     """
+    preset = get_preset(audio_preset) if isinstance(audio_preset, str) else audio_preset
+    if preset.paired_bins or preset.top_db is not None:
+        raise ValueError(f"audio preset '{preset.name}': its paired-bin STFT and per-example dB floor are not "
+                         "built from DALI operators; use the CPU pipeline (data.pipeline=cpu / ClipDataset)")
     require_dali()
     if mode not in ("train", "eval"):
         raise ValueError(f"mode must be 'train' or 'eval', got '{mode}'")
@@ -691,7 +697,6 @@ def build_dali_loader(
         raise ValueError(f"validate must be 'probe' or 'exists', got '{validate}'")
     if isinstance(manifest, str):
         manifest = read_manifest(manifest)
-    preset = get_preset(audio_preset) if isinstance(audio_preset, str) else audio_preset
     if stats is not None and stats.mean.numel() != preset.bins:
         raise ValueError(f"spectrogram stats have {stats.mean.numel()} bins, preset '{preset.name}' has {preset.bins}")
     _check_manifest_audio(manifest)

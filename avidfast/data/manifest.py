@@ -5,6 +5,9 @@ Required column: ``path``. Optional: ``label`` and the metadata written by ``avi
 ``channels``, ``audio_duration`` in seconds (of the audio the loaders read), ``audio_path``: the
 extracted 24 kHz mono WAV/FLAC, relative to the same root). Unknown columns
 are kept and written back unchanged.
+
+``label`` is one class name per row (what the probes train on). A multi-label set (AudioSet)
+has instead a ``labels`` column: the row's class names joined by ``LABELS_SEPARATOR``.
 """
 import csv
 import io
@@ -14,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 from avidfast.files import atomic_write_text
 
+LABELS_SEPARATOR = ";"
 METADATA_COLUMNS = ("duration", "fps", "width", "height", "sample_rate", "channels", "audio_duration", "audio_path")
 _FLOAT_COLUMNS = {"duration", "fps", "audio_duration"}
 _INT_COLUMNS = {"width", "height", "sample_rate", "channels"}
@@ -58,11 +62,17 @@ class Manifest:
             return []
         return sorted({str(r["label"]) for r in self.rows}, key=_natural_key)
 
-    def label_indices(self) -> List[int]:
-        """Class index of every row (requires labels)."""
+    def label_indices(self, classes: Optional[Sequence[str]] = None) -> List[int]:
+        """Class index of every row (requires labels): its position in ``classes`` (default:
+        this manifest's own sorted ``classes``; pass the training manifest's to index a test
+        manifest the same way)."""
         if not self.has_labels:
             raise ManifestError("this manifest has no 'label' column (or some rows have no label)")
-        lookup = {name: i for i, name in enumerate(self.classes)}
+        lookup = {str(name): i for i, name in enumerate(self.classes if classes is None else classes)}
+        unknown = sorted({str(r["label"]) for r in self.rows} - set(lookup), key=_natural_key)
+        if unknown:
+            raise ManifestError(f"labels {unknown[:5]} are not among the {len(lookup)} given classes "
+                                "(is this manifest from the same data set as the training one?)")
         return [lookup[str(r["label"])] for r in self.rows]
 
 

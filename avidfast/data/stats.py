@@ -22,11 +22,11 @@ def _file_stats(task: Tuple[str, Optional[float], str, float]) -> Tuple[str, Opt
             with av.open(path) as container:
                 duration = (container.duration or 0) / 1e6
         seconds = min(duration, max_seconds)
-        if seconds * preset.sample_rate <= preset.n_fft:
+        if seconds * preset.sample_rate <= preset.fft_size:
             raise ValueError(f"audio of {seconds:.2f} s is too short for a spectrogram")
         wave = audio_ops.decode_audio(path, 0.0, seconds, preset.sample_rate)
         running = audio_ops.RunningStats(preset.bins)
-        running.add(audio_ops.to_db(audio_ops.power_spectrogram(wave, preset)))
+        running.add(audio_ops.db_spectrogram(wave, preset))
         return path, running, ""
     except Exception as error:  # noqa: BLE001 - a bad file is reported, not fatal
         return path, None, f"{type(error).__name__}: {error}"
@@ -41,7 +41,8 @@ def compute_stats(
     progress: bool = True,
 ) -> Tuple[audio_ops.SpectrogramStats, int]:
     """Mean/std of every (bin, frame) of the dB spectrogram of the first max_seconds of each
-    row's audio (the extracted file when the manifest has one), frames weighted equally.
+    row's audio (the extracted file when the manifest has one), frames weighted equally. A
+    preset's dB floor (``reference``: top_db) is taken below the maximum of that whole read.
 
     Returns (stats, number of files that could not be read); unreadable files are logged.
     """

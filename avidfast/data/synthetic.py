@@ -55,16 +55,16 @@ def class_style(label: int) -> Dict[str, object]:
     }
 
 
-def _params(num_videos, num_classes, seconds, seed, size, fps, sample_rate) -> Dict[str, object]:
+def _params(num_videos, num_classes, seconds, seed, size, fps, sample_rate, colour_cue) -> Dict[str, object]:
     return {
         "generator": "avidfast.data.synthetic", "version": _FORMAT_VERSION,
         "num_videos": int(num_videos), "num_classes": int(num_classes), "seconds": float(seconds),
         "seed": int(seed), "size": [int(size[0]), int(size[1])], "fps": int(fps),
-        "sample_rate": int(sample_rate),
+        "sample_rate": int(sample_rate), "colour_cue": float(colour_cue),
     }
 
 
-def _check(num_videos, num_classes, seconds, size, fps, sample_rate) -> None:
+def _check(num_videos, num_classes, seconds, size, fps, sample_rate, colour_cue) -> None:
     if int(num_videos) < 1:
         raise DatasetError(f"num_videos must be at least 1, got {num_videos}")
     if not 1 <= int(num_classes) <= int(num_videos):
@@ -75,13 +75,15 @@ def _check(num_videos, num_classes, seconds, size, fps, sample_rate) -> None:
         raise DatasetError(f"seconds must give at least one frame at {fps} fps, got {seconds}")
     if len(size) != 2 or any(int(s) < 16 or int(s) % 2 for s in size):
         raise DatasetError(f"size must be (width, height), both even and at least 16, got {tuple(size)}")
+    if not 0.0 <= float(colour_cue) <= 1.0:
+        raise DatasetError(f"colour_cue must be between 0 and 1, got {colour_cue}")
     if not 8000 <= int(sample_rate) <= 96000:
         raise DatasetError(f"sample_rate must be between 8000 and 96000 Hz, got {sample_rate}")
 
 
 def make_dataset(out_dir: str, num_videos: int, num_classes: int, seconds: float = 4.0, seed: int = 0, *,
                  size: Tuple[int, int] = (128, 128), fps: int = 16, sample_rate: int = 24000,
-                 workers: Optional[int] = None, progress: bool = False) -> str:
+                 colour_cue: float = COLOUR_CUE, workers: Optional[int] = None, progress: bool = False) -> str:
     """Writes ``num_videos`` labelled clips and their manifest under ``out_dir``; returns the manifest path.
 
     Files: ``out_dir/videos/class_XX/clip_XXXXX.mp4`` (H.264 yuv420p, ``size`` = (width, height)
@@ -90,14 +92,16 @@ def make_dataset(out_dir: str, num_videos: int, num_classes: int, seconds: float
     paths relative to ``out_dir``; labels are integers 0..num_classes-1, balanced, shuffled) and
     ``out_dir/synthetic.json`` (the arguments). Every file is written atomically.
 
-    ``workers`` spawned processes encode in parallel (default: up to 4, by CPU count, when there
-    are 16 clips or more; 1: in this process); the content does not depend on it. ``progress``
+    ``colour_cue`` is the share of clips painted in their class's hue (the others get a random
+    hue): 0 leaves colour no information about the class. ``workers`` spawned processes encode
+    in parallel (default: up to 4, by CPU count, when there are 16 clips or more; 1: in this
+    process); the content does not depend on it. ``progress``
     shows a tqdm bar. Running it again with the same arguments rewrites only missing clips. A
     folder that already holds a manifest made otherwise (other arguments, or not by this
     function) is refused with :class:`DatasetError`, so a user's data set is never overwritten.
     """
-    _check(num_videos, num_classes, seconds, size, fps, sample_rate)
-    params = _params(num_videos, num_classes, seconds, seed, size, fps, sample_rate)
+    _check(num_videos, num_classes, seconds, size, fps, sample_rate, colour_cue)
+    params = _params(num_videos, num_classes, seconds, seed, size, fps, sample_rate, colour_cue)
     out_dir = os.path.abspath(out_dir)
     manifest_path = os.path.join(out_dir, MANIFEST_NAME)
     params_path = os.path.join(out_dir, PARAMS_NAME)
@@ -156,7 +160,8 @@ def make_dataset(out_dir: str, num_videos: int, num_classes: int, seconds: float
 def _make_clip(job) -> None:
     path, label, index, params = job
     rng = np.random.default_rng([params["seed"], index])
-    video, audio = render_clip(label, rng, params["seconds"], tuple(params["size"]), params["fps"], params["sample_rate"])
+    video, audio = render_clip(label, rng, params["seconds"], tuple(params["size"]), params["fps"], params["sample_rate"],
+                               params["colour_cue"])
     _write_mp4(path, video, audio, params["fps"], params["sample_rate"])
 
 
@@ -170,8 +175,9 @@ def _read_json(path: str) -> Optional[dict]:
 
 
 def render_clip(label: int, rng: np.random.Generator, seconds: float, size: Tuple[int, int], fps: int,
-                sample_rate: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Renders one clip of class ``label``.
+                sample_rate: int, colour_cue: float = COLOUR_CUE) -> Tuple[np.ndarray, np.ndarray]:
+    """Renders one clip of class ``label``; with probability ``colour_cue`` the shape has its
+    class's hue, otherwise a random one.
 
     Returns ``video`` (T, H, W, 3) uint8 RGB with T = round(seconds * fps), (W, H) = size, and
     ``audio`` (S,) float32 in [-1, 1] with S = round(seconds * sample_rate).
@@ -213,7 +219,7 @@ def render_clip(label: int, rng: np.random.Generator, seconds: float, size: Tupl
     rr = r[:, None, None].astype(np.float32)
     mask = _shape_mask(style["shape"], dx, dy, rr)
 
-    own_colour = rng.random() < COLOUR_CUE
+    own_colour = rng.random() < colour_cue
     hue = ((style["hue"] if own_colour else rng.random()) + rng.uniform(-0.03, 0.03)) % 1.0
     colour = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0))) * 255
     background = rng.uniform(0, 70, size=3)

@@ -31,12 +31,20 @@ class VideoSection:
     contrast: float = 0.4  # "cj"
     hue: float = 0.2  # "hj"
 
+    def to_video_config(self):
+        """The :class:`avidfast.data.video.VideoConfig` of this section."""
+        from avidfast.data.video import VideoConfig
+
+        return VideoConfig(frames=self.frames, fps=self.fps, crop=self.crop, min_area=self.min_area, flip=self.flip,
+                           brightness=self.brightness, contrast=self.contrast, saturation=self.saturation,
+                           hue=self.hue)
+
 
 @dataclass
 class AudioSection:
     """Audio spectrogram preset and its training jitter (supplement A)."""
 
-    preset: str = "table5"  # table5: 129 x 100, table6: 257 x 200
+    preset: str = "table5"  # table5: 129 x 100, table6: 257 x 200, reference: the released checkpoints' 257 x 200
     stats: Optional[str] = None  # .npz of `avidfast stats` (None: no Z-normalisation)
     volume: Tuple[float, float] = (0.9, 1.1)
     max_offset: float = 0.5  # seconds between audio and video starts
@@ -63,6 +71,7 @@ class ModelSection:
     preset: str = "table5"  # table5: analysis network 16x112^2; table6: R(2+1)D-18 8x224^2
     width: int = 64  # channels of the first stage (64 in the paper; smaller for CPU demos)
     embed_dim: int = 128
+    head_layers: int = 3  # Linear layers per projection head (3: fc1..fc3 of the tables; 1: a linear projection)
 
 
 @dataclass
@@ -75,6 +84,8 @@ class LossSection:
     temperature: float = 0.07
     momentum: float = 0.5
     bank_dtype: str = "float32"
+    # a checkpoint of the paper's code (avidfast.interop): model, banks and Z start from it
+    init_from_reference: Optional[str] = None
     # CMA only
     init_from: Optional[str] = None  # AVID checkpoint to start from (Table 3: epoch 200)
     num_positives: int = 32
@@ -127,7 +138,7 @@ class Config:
         """Checks values that types alone do not; returns self."""
         choices = {
             "data.pipeline": (self.data.pipeline, ("cpu", "dali")),
-            "data.audio.preset": (self.data.audio.preset, ("table5", "table6")),
+            "data.audio.preset": (self.data.audio.preset, ("table5", "table6", "reference")),
             "model.preset": (self.model.preset, ("table5", "table6")),
             "loss.kind": (self.loss.kind, ("avid", "cma")),
             "loss.mode": (self.loss.mode, ("cross", "self", "joint")),
@@ -141,7 +152,8 @@ class Config:
         positive = {
             "optim.batch_size": self.optim.batch_size, "optim.epochs": self.optim.epochs,
             "data.video.frames": self.data.video.frames, "data.video.crop": self.data.video.crop,
-            "model.width": self.model.width, "loss.num_negatives": self.loss.num_negatives,
+            "model.width": self.model.width, "model.head_layers": self.model.head_layers,
+            "loss.num_negatives": self.loss.num_negatives,
             "train.log_every": self.train.log_every,
         }
         for key, value in positive.items():
@@ -149,9 +161,15 @@ class Config:
                 raise ConfigError(f"{key} must be positive, got {value}")
         if self.data.workers < 0:
             raise ConfigError(f"data.workers must be 0 or more, got {self.data.workers}")
-        if self.loss.kind == "cma" and not self.loss.init_from:
+        if self.data.audio.preset == "reference" and self.data.pipeline == "dali":
+            raise ConfigError("data.audio.preset=reference is computed by the CPU pipeline only; "
+                              "set data.pipeline=cpu")
+        if self.loss.init_from and self.loss.init_from_reference:
+            raise ConfigError("loss.init_from and loss.init_from_reference are both set; keep one")
+        if self.loss.kind == "cma" and not (self.loss.init_from or self.loss.init_from_reference):
             raise ConfigError("loss.init_from: CMA starts from an AVID checkpoint; set it, e.g. "
-                              "--set loss.init_from=runs/avid/checkpoints/epoch_0200.pt")
+                              "--set loss.init_from=runs/avid/checkpoints/epoch_0200.pt (or, for a checkpoint "
+                              "of the paper's code, loss.init_from_reference / --init-from-reference)")
         return self
 
     @property
@@ -179,7 +197,7 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
-        return _build(hint, value, key + ".")
+        return build_typed(hint, value, key + ".")
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -197,6 +215,11 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(value)
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -207,7 +230,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
-def _build(cls, values: Dict[str, Any], prefix: str = ""):
+def build_typed(cls, values: Dict[str, Any], prefix: str = ""):
+    """An instance of dataclass ``cls`` from a plain dict, every key and type checked (ConfigError)."""
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in values if k not in names]
@@ -243,25 +267,25 @@ def parse_overrides(items: Sequence[str]) -> List[Tuple[str, Any]]:
     return out
 
 
-def resolve_config_path(name_or_path: str) -> str:
-    """A YAML path, or the name of a configuration shipped in avidfast/configs (e.g. demo)."""
+def resolve_config_path(name_or_path: str, folder: str = PACKAGE_CONFIGS) -> str:
+    """A YAML path, or the name of a configuration shipped in ``folder`` (e.g. demo)."""
     if os.path.isfile(name_or_path):
         return name_or_path
-    shipped = os.path.join(PACKAGE_CONFIGS, name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
+    shipped = os.path.join(folder, name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
     if os.path.isfile(shipped):
         return shipped
     raise ConfigError(f"config {name_or_path}: no such file, and not one of the shipped configs "
-                      f"({', '.join(shipped_configs())})")
+                      f"({', '.join(shipped_configs(folder))})")
 
 
-def shipped_configs() -> List[str]:
-    """Names of the YAML configurations in the package."""
-    return sorted(f[:-5] for f in os.listdir(PACKAGE_CONFIGS) if f.endswith(".yaml"))
+def shipped_configs(folder: str = PACKAGE_CONFIGS) -> List[str]:
+    """Names of the YAML configurations shipped in ``folder`` (default: the training ones)."""
+    return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
 
 
-def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
-    """Reads a YAML config (path or shipped name), applies ``key=value`` overrides, validates."""
-    path = resolve_config_path(path)
+def read_tree(path: str, overrides: Sequence[str] = (), folder: str = PACKAGE_CONFIGS) -> Dict[str, Any]:
+    """The YAML mapping of a config (path, or name shipped in ``folder``) with ``key=value`` overrides."""
+    path = resolve_config_path(path, folder)
     try:
         with open(path) as f:
             tree = yaml.safe_load(f) or {}
@@ -271,9 +295,14 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
         raise ConfigError(f"config {path}: expected a mapping at the top level")
     for key, value in parse_overrides(overrides):
         _set_dotted(tree, key, value)
-    return _build(Config, tree).validate()
+    return tree
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
+    """Reads a YAML config (path or shipped name), applies ``key=value`` overrides, validates."""
+    return build_typed(Config, read_tree(path, overrides)).validate()
 
 
 def config_from_dict(tree: Dict[str, Any]) -> Config:
     """A validated Config from a plain dict (e.g. the one saved in a checkpoint)."""
-    return _build(Config, tree).validate()
+    return build_typed(Config, tree).validate()

@@ -13,10 +13,11 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 
+from avidfast.data.synthetic import COLOUR_CUE
 from avidfast.files import atomic_write_text
 
 log = logging.getLogger("avidfast")
@@ -30,10 +31,12 @@ class DemoSettings:
     videos: int = 240
     classes: int = 6
     seconds: float = 4.0
+    colour_cue: float = COLOUR_CUE  # share of clips painted in their class's hue (random hue otherwise)
     seed: int = 0
     epochs: Optional[int] = None  # None: the demo config's
     probe_clips: int = 2  # evenly spaced clips per video for the linear probe
     progress: bool = True
+    overrides: Sequence[str] = ()  # extra ``key=value`` settings of the demo training config
 
 
 def _split_videos(labels: torch.Tensor, train_fraction: float, seed: int):
@@ -61,6 +64,13 @@ def _probe_features(model, cfg, manifest, settings: DemoSettings, stats):
                           mode="eval", clips_per_video=settings.probe_clips, seed=settings.seed)
     loader = CPULoader(dataset, batch_size=32, workers=cfg.data.workers)
     return extract_features(model, loader, modality="video", progress=settings.progress)
+
+
+def _settings_of(config: Dict[str, object]) -> Dict[str, object]:
+    """A training config without the keys that do not change the result (progress bars)."""
+    plain = json.loads(json.dumps(config))
+    plain.get("train", {}).pop("progress", None)
+    return plain
 
 
 def _loss_curve(metrics_csv: str, png: str) -> None:
@@ -98,7 +108,7 @@ def run_demo(settings: DemoSettings) -> Dict[str, object]:
     from avidfast.eval.linear_probe import train_linear_probe
     from avidfast.eval.memory_probe import memory_probe
     from avidfast.train import checkpoint as ckpt
-    from avidfast.train.config import load_config
+    from avidfast.train.config import ConfigError, load_config
     from avidfast.train.loop import build_criterion, build_model, train
     from avidfast.train.run_folder import setup_logging
 
@@ -107,12 +117,13 @@ def run_demo(settings: DemoSettings) -> Dict[str, object]:
     setup_logging(out, rank=0)
     log.info("1/5 synthetic set: %d clips of %d classes, %.0f s each", settings.videos, settings.classes, settings.seconds)
     manifest_path = make_dataset(os.path.join(out, "data"), settings.videos, settings.classes, settings.seconds,
-                                 settings.seed, progress=settings.progress)
+                                 settings.seed, colour_cue=settings.colour_cue, progress=settings.progress)
     manifest = read_manifest(manifest_path)
     overrides = [f"data.manifest={manifest_path}", f"out_dir={os.path.join(out, 'train')}", f"seed={settings.seed}",
                  f"train.progress={str(settings.progress).lower()}"]
     if settings.epochs is not None:
         overrides.append(f"optim.epochs={settings.epochs}")
+    overrides.extend(settings.overrides)
     cfg = load_config("demo", overrides)
     if cfg.loss.num_negatives > len(manifest) - 2:  # a toy-sized set has fewer other videos than K
         overrides.append(f"loss.num_negatives={len(manifest) - 2}")
@@ -130,6 +141,9 @@ def run_demo(settings: DemoSettings) -> Dict[str, object]:
 
     last = ckpt.latest_checkpoint(cfg.run_dir)
     state = ckpt.load_checkpoint(last) if last else None
+    if state is not None and _settings_of(state["config"]) != _settings_of(cfg.to_dict()):
+        raise ConfigError(f"{cfg.run_dir} holds a demo run trained with other settings; choose another --out "
+                          "(or delete that folder) to train with these")
     if state is not None and state["epoch"] >= cfg.optim.epochs and state["batches_done"] == 0:
         log.info("3/5 training: reusing the finished run in %s", cfg.run_dir)
         model = build_model(cfg)

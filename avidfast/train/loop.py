@@ -12,11 +12,12 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
 
+from avidfast.distributed import init_from_env
 from avidfast.train import checkpoint as ckpt
 from avidfast.train.config import Config
 from avidfast.train.run_folder import setup_logging, write_run_files
@@ -64,19 +65,6 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _distributed() -> tuple:
-    """(rank, world size, local rank), initialising the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-    return 0, 1, 0
-
-
 def _precision(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
     choice = cfg.train.precision
     if choice == "auto":
@@ -92,7 +80,8 @@ def build_model(cfg: Config):
     from avidfast.models import AVModel
 
     torch.manual_seed(cfg.seed)
-    return AVModel.from_preset(cfg.model.preset, width=cfg.model.width, embed_dim=cfg.model.embed_dim)
+    return AVModel.from_preset(cfg.model.preset, width=cfg.model.width, embed_dim=cfg.model.embed_dim,
+                               head_layers=cfg.model.head_layers)
 
 
 def build_criterion(cfg: Config, num_items: int, init: Optional[Dict] = None):
@@ -117,14 +106,46 @@ def build_criterion(cfg: Config, num_items: int, init: Optional[Dict] = None):
     )
 
 
+def load_reference_init(cfg: Config, model, num_items: int, trust: bool = False) -> Optional[Dict]:
+    """Loads cfg.loss.init_from_reference (a checkpoint of the paper's code) into ``model``.
+
+    Returns {"criterion": loss state} (banks (num_items, D), Z; see avidfast.interop) for
+    build_criterion / AVIDLoss.load_state_dict, or None when the file holds no criterion (AVID
+    then starts with fresh banks; CMA cannot start). trust: see load_reference_checkpoint.
+    """
+    from avidfast.interop import ReferenceCheckpointError, load_reference_checkpoint
+
+    path = cfg.loss.init_from_reference
+    try:
+        reference, loss_state, info = load_reference_checkpoint(path, trust=trust)
+    except ReferenceCheckpointError as error:
+        raise TrainingError(f"loss.init_from_reference: {error}") from None
+    try:
+        model.load_state_dict(reference.state_dict())
+    except RuntimeError:
+        raise TrainingError(
+            f"loss.init_from_reference {path}: its networks are {info['preset']} at width {info['width']} with "
+            f"embed_dim {info['embed_dim']} and {info['head_layers']}-layer heads, but the config builds "
+            f"model.preset={cfg.model.preset}, model.width={cfg.model.width}, model.embed_dim={cfg.model.embed_dim} "
+            f"({cfg.model.head_layers}-layer heads); --set model.preset={info['preset']} --set model.width={info['width']} "
+            f"--set model.embed_dim={info['embed_dim']} --set model.head_layers={info['head_layers']}") from None
+    if loss_state is None:
+        if cfg.loss.kind == "cma":
+            raise TrainingError(f"loss.init_from_reference {path}: no train_criterion (memory banks) in the file; "
+                                "CMA starts from the AVID banks")
+        return None
+    if info["num_items"] != num_items:
+        raise TrainingError(f"loss.init_from_reference {path}: its banks have {info['num_items']} slots but the "
+                            f"manifest has {num_items} rows; slot i is row i of the reference's own training list, "
+                            "so use a manifest of the same videos in the same order")
+    return {"criterion": loss_state}
+
+
 def build_loader(cfg: Config, manifest, rank: int, world: int, device: torch.device):
     """The CPU or DALI training loader of cfg.data."""
     from avidfast.data.audio import AudioJitter, SpectrogramStats, get_preset
-    from avidfast.data.video import VideoConfig
 
-    v = cfg.data.video
-    video = VideoConfig(frames=v.frames, fps=v.fps, crop=v.crop, min_area=v.min_area, flip=v.flip,
-                        brightness=v.brightness, contrast=v.contrast, saturation=v.saturation, hue=v.hue)
+    video = cfg.data.video.to_video_config()
     a = cfg.data.audio
     preset = get_preset(a.preset)
     jitter = AudioJitter(volume=tuple(a.volume), max_offset=a.max_offset, duration=tuple(a.duration))
@@ -158,17 +179,19 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def train(cfg: Config, *, resume: bool = False, max_steps: Optional[int] = None) -> TrainResult:
+def train(cfg: Config, *, resume: bool = False, max_steps: Optional[int] = None,
+          trust_reference: bool = False) -> TrainResult:
     """Runs (or resumes) the training of ``cfg``; returns what was done.
 
     max_steps stops after that many optimiser steps in this call (with a mid-epoch checkpoint,
-    as on SIGTERM): used by tests and for quick trials.
+    as on SIGTERM): used by tests and for quick trials. trust_reference lets
+    cfg.loss.init_from_reference be read beyond weights_only (see load_reference_checkpoint).
     """
     from avidfast.data.manifest import read_manifest
 
     if not cfg.data.manifest:
         raise TrainingError("data.manifest is not set: --set data.manifest=PATH (a CSV from `avidfast prepare`)")
-    rank, world, local_rank = _distributed()
+    rank, world, local_rank = init_from_env()
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     run_dir = cfg.run_dir
     log = setup_logging(run_dir, rank)
@@ -189,13 +212,19 @@ def train(cfg: Config, *, resume: bool = False, max_steps: Optional[int] = None)
 
     model = build_model(cfg)
     init = None
-    if cfg.loss.kind == "cma" and state is None:
+    if cfg.loss.init_from_reference and state is None:
+        init = load_reference_init(cfg, model, len(manifest), trust_reference)
+        log.info("%s from the reference checkpoint %s", "model" if init is None else "model, banks and Z",
+                 cfg.loss.init_from_reference)
+    elif cfg.loss.kind == "cma" and state is None:
         init = ckpt.load_checkpoint(cfg.loss.init_from)
         model.load_state_dict(ckpt.strip_module_prefix(init["model"]))
         log.info("CMA starts from %s (epoch %s)", cfg.loss.init_from, init.get("epoch"))
     elif cfg.loss.kind == "cma":
         init = {"criterion": state["criterion"]}
     criterion = build_criterion(cfg, len(manifest), init).to(device)
+    if cfg.loss.kind == "avid" and init is not None:  # banks and Z of a reference checkpoint
+        criterion.load_state_dict(init["criterion"])
     model = model.to(device)
     if cfg.train.channels_last:
         model.video.to(memory_format=torch.channels_last_3d)

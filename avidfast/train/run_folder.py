@@ -64,8 +64,8 @@ def write_run_files(run_dir: str, config: Dict[str, Any], extra: Dict[str, Any])
     atomic_write_text(os.path.join(run_dir, "meta.json"), json.dumps(meta, indent=2) + "\n")
 
 
-def setup_logging(run_dir: str, rank: int, name: str = "avidfast") -> logging.Logger:
-    """Console + run_dir/train.log on rank 0; warnings only (console) on other ranks."""
+def setup_logging(run_dir: str, rank: int, name: str = "avidfast", log_file: str = "train.log") -> logging.Logger:
+    """Console + run_dir/``log_file`` on rank 0; warnings only (console) on other ranks."""
     logger = logging.getLogger(name)
     logger.handlers.clear()
     logger.propagate = False
@@ -76,7 +76,7 @@ def setup_logging(run_dir: str, rank: int, name: str = "avidfast") -> logging.Lo
     logger.addHandler(console)
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
-        file = logging.FileHandler(os.path.join(run_dir, "train.log"))
+        file = logging.FileHandler(os.path.join(run_dir, log_file))
         file.setFormatter(formatter)
         logger.addHandler(file)
     # The data pipelines log bad samples under avidfast.data.*: route them the same way.

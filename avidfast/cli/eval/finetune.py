@@ -1,0 +1,49 @@
+"""`avidfast eval finetune`: the whole video encoder fine-tuned on UCF-101 / HMDB-51 (Table 4)."""
+import argparse
+
+from avidfast.cli.common import UserError
+from avidfast.cli.eval.options import (add_checkpoint_options, add_config_options, load_eval_config_or_exit,
+                                       load_pretrained_or_exit)
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    from avidfast.data.cpu_pipeline import TooManyBadSamples
+    from avidfast.data.manifest import ManifestError
+    from avidfast.eval.finetune import run_finetune
+    from avidfast.eval.run import start_run
+
+    cfg = load_eval_config_or_exit(args)
+    if cfg.protocol != "finetune":
+        raise UserError(f"{args.config}: protocol is '{cfg.protocol}'; use `avidfast eval {cfg.protocol}`")
+    pretrained = load_pretrained_or_exit(args, cfg.seed)
+    try:
+        run = start_run(cfg.run_dir, cfg.to_dict(), cfg.run.device, cfg.run.precision,
+                        {"checkpoint": pretrained.info, "protocol": "finetune"}, cfg.seed)
+        result = run_finetune(cfg, pretrained.model.video, run)
+    except (ManifestError, ValueError, TooManyBadSamples) as error:
+        raise UserError(str(error)) from None
+    what = "random-init" if args.random_init else "trained"
+    table = f"{cfg.name} ({what} {args.checkpoint})\n{result.format()}"
+    run.finish({"protocol": "finetune", "checkpoint": pretrained.info, **result.to_dict()}, table)
+
+
+def register(protocols) -> None:
+    """Adds `eval finetune`."""
+    from avidfast.eval.config import shipped_eval_configs
+
+    parser = protocols.add_parser(
+        "finetune", help="fine-tune the whole video encoder with a linear classifier (Table 4, UCF / HMDB rows)",
+        description="Copies the checkpoint's video encoder, adds dropout and a linear classifier on its pooled "
+                    "output and trains the whole network on augmented clips of the training manifest (Adam, "
+                    "lr x gamma at the milestones); tests on evenly spaced centre-cropped clips of the test "
+                    "manifest: clip top-1 and video top-1 (softmax averaged over a video's clips). Writes "
+                    "results.json and finetuned.pt. The shipped ucf101-8x224, ucf101-32x224, hmdb51-8x224 and "
+                    "hmdb51-32x224 are Table 4's rows. Folds: write a fold's lists with `avidfast manifest "
+                    "ucf101 LIST_DIR train1.csv --fold N --split train` (and --split test; hmdb51 likewise), "
+                    "then --set data.train_manifest=train1.csv --set data.test_manifest=test1.csv --set "
+                    "data.root=VIDEO_DIR --set name=ucf101-fold1; run each fold and average.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_options(parser, shipped_eval_configs())
+    add_checkpoint_options(parser)
+    parser.set_defaults(handler=_finetune)

@@ -1,0 +1,128 @@
+"""Loading a pre-trained model for evaluation: an avidfast checkpoint or a reference one.
+
+:func:`load_pretrained` returns the :class:`AVModel`, the memory banks and, for avidfast
+checkpoints, the training configuration. ``random_init=True`` gives the same architecture with
+freshly initialised weights and banks: the baseline every protocol is compared against.
+"""
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+
+
+class PretrainedError(ValueError):
+    """A checkpoint that cannot be used for evaluation: the message names the file."""
+
+
+@dataclass
+class Pretrained:
+    """A model ready for evaluation.
+
+    ``model``: the AVModel (CPU, eval mode); ``video_bank`` / ``audio_bank``: (N, D) memory rows
+    (``None`` when the checkpoint has none); ``train_config``: the avidfast training Config (``None``
+    for reference checkpoints); ``source``: ``"avidfast"`` or ``"reference"``; ``info``: what was
+    inferred or loaded (architecture, epoch, path).
+    """
+
+    model: torch.nn.Module
+    video_bank: Optional[torch.Tensor]
+    audio_bank: Optional[torch.Tensor]
+    train_config: Optional[object]
+    source: str
+    info: Dict[str, object] = field(default_factory=dict)
+
+
+def _reinitialise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A copy of ``model`` with fresh weights drawn from ``seed``: every layer's own
+    ``reset_parameters`` (PyTorch's defaults, as the heads use), then the encoders' conv / BN
+    initialisation (:func:`avidfast.models.init.init_conv_bn_`)."""
+    import copy
+
+    from avidfast.models.init import init_conv_bn_
+
+    fresh = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    for module in fresh.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    init_conv_bn_(fresh)
+    return fresh
+
+
+def _random_banks(n: int, dim: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    banks = [torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=1) for _ in range(2)]
+    return banks[0], banks[1]
+
+
+def load_pretrained(path: str, *, random_init: bool = False, seed: int = 0, trust: bool = False) -> Pretrained:
+    """Loads ``path`` (an avidfast checkpoint, or a reference ``.pth.tar``) for evaluation.
+
+    Args:
+        path: checkpoint file (``runs/<name>/checkpoints/last.pt`` or ``epoch_XXXX.pt``; or one of
+            the paper's released checkpoints).
+        random_init: keep the architecture (and bank sizes) but re-initialise the weights from
+            ``seed`` and draw random unit-norm banks: the untrained baseline.
+        trust: for reference checkpoints that cannot be read with ``weights_only=True``, allow a
+            full unpickle (only for files from a source you trust).
+    """
+    from avidfast.train.config import ConfigError, config_from_dict
+
+    if not os.path.isfile(path):
+        raise PretrainedError(f"--checkpoint {path}: no such file")
+    state = _read(path, trust)
+    if isinstance(state, dict) and "config" in state and "model" in state and "criterion" in state:
+        try:
+            cfg = config_from_dict(state["config"])
+        except ConfigError as error:
+            raise PretrainedError(f"{path}: its saved training config is not valid ({error})") from None
+        from avidfast.train.loop import build_model
+
+        model = build_model(cfg)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise PretrainedError(f"{path}: weights do not fit the model of its own config ({error})") from None
+        banks = state["criterion"]
+        video_bank = banks.get("video_memory.memory")
+        audio_bank = banks.get("audio_memory.memory")
+        info = {"path": path, "epoch": state.get("epoch"), "preset": cfg.model.preset, "width": cfg.model.width,
+                "embed_dim": cfg.model.embed_dim, "loss": cfg.loss.kind}
+        source, train_config = "avidfast", cfg
+    else:
+        from avidfast import interop
+
+        if not (isinstance(state, dict) and interop.is_reference_checkpoint(state)):
+            raise PretrainedError(f"{path}: neither an avidfast checkpoint (model, criterion, config) nor a "
+                                  "reference one (model, train_criterion)")
+        try:
+            model, loss_state, info = interop.from_reference_state(state)
+        except interop.ReferenceCheckpointError as error:
+            raise PretrainedError(f"{path}: {error}") from None
+        loss_state = loss_state or {}
+        video_bank, audio_bank = loss_state.get("video_memory.memory"), loss_state.get("audio_memory.memory")
+        info = dict(info, path=path)
+        source, train_config = "reference", None
+    if random_init:
+        model = _reinitialise(model, seed)
+        if video_bank is not None:
+            video_bank, audio_bank = _random_banks(video_bank.shape[0], video_bank.shape[1], seed)
+        info = dict(info, random_init=True, seed=seed)
+    model.eval()
+    return Pretrained(model, video_bank, audio_bank, train_config, source, info)
+
+
+def _read(path: str, trust: bool):
+    """The top-level object of a checkpoint, read with weights_only=True when possible."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises several types for unreadable or unsafe files
+        if not trust:
+            reason = str(error).strip().splitlines()[0][:200]
+            raise PretrainedError(f"{path}: cannot be read with weights_only=True ({reason}); if the file "
+                                  "comes from a source you trust, pass --trust to unpickle it fully") from None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error2:  # noqa: BLE001
+            raise PretrainedError(f"{path}: not a readable PyTorch checkpoint ({error2})") from None
