@@ -6,7 +6,8 @@ from avidfast.train.demo import DemoSettings, run_demo
 
 
 def test_demo_runs_end_to_end_and_reuses_its_work(tmp_path, capsys):
-    settings = DemoSettings(out_dir=str(tmp_path / "demo"), videos=12, classes=3, seconds=2.0, epochs=1, progress=False)
+    settings = DemoSettings(out_dir=str(tmp_path / "demo"), videos=12, classes=3, seconds=2.0, epochs=1, held_out_videos=6,
+                            progress=False)
     figures = run_demo(settings)
     out = capsys.readouterr().out
     assert "avidfast demo: what Cross-AVID learned" in out and "verdict:" in out
@@ -16,6 +17,9 @@ def test_demo_runs_end_to_end_and_reuses_its_work(tmp_path, capsys):
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert abs(saved["chance"] - 1 / 3) < 1e-9 and set(saved["memory_trained"]["mean"]) == {"video", "audio", "combined"}
     assert len(saved["memory_trained"]["top1"]["video"]) == 5  # five 70/30 splits
+    for name in ("retrieval_trained", "retrieval_random"):  # recall on the held-out set (seed + 1)
+        assert saved[name]["num_queries"] == 6 and 0 <= saved[name]["v2a"]["R@1"] <= 1
+    assert "retrieval recall@1 on 6 held-out videos" in out
     assert 0 <= figures["linear_trained"]["video_top1"][figures["linear_trained"]["best_block"]] <= 1
     mtime = os.path.getmtime(tmp_path / "demo" / "train" / "checkpoints" / "last.pt")
     run_demo(settings)  # a finished run is reused, not retrained

@@ -7,8 +7,6 @@ parameters) and becomes a normalised tensor; the audio window is decoded with Py
 spectrogram computed with a framed numpy FFT. Its output follows the same contract, and the
 same random draws as :class:`avidfast.data.cpu_pipeline.ClipDataset`, so the two do the same work.
 """
-from typing import Dict, Tuple
-
 import numpy as np
 import torch
 

@@ -10,8 +10,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional
 
-import torch
-
 from avidfast.data.audio import AudioJitter
 from avidfast.data.cpu_pipeline import ClipDataset, CPULoader
 from avidfast.data.manifest import Manifest

@@ -32,7 +32,7 @@ def _demo(args: argparse.Namespace) -> None:
     from avidfast.train.loop import TrainingError
 
     settings = DemoSettings(out_dir=args.out, videos=args.videos, classes=args.classes, seconds=args.seconds,
-                            colour_cue=args.colour_cue,
+                            colour_cue=args.colour_cue, held_out_videos=args.held_out_videos,
                             seed=args.seed, epochs=args.epochs, progress=not args.quiet,
                             overrides=args.set or [])
     try:
@@ -86,6 +86,8 @@ def register(commands) -> None:
     demo.add_argument("--seconds", type=float, default=4.0, help="clip length")
     demo.add_argument("--colour-cue", type=float, default=COLOUR_CUE,
                       help="share of synthetic clips painted in their class's hue (others: random hue)")
+    demo.add_argument("--held-out-videos", type=positive_int, default=60,
+                      help="clips of a second synthetic set (seed + 1) for the cross-modal retrieval check")
     demo.add_argument("--epochs", type=positive_int, help="training epochs (None: the demo config's)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data, the model and the probes")
     demo.add_argument("--set", action="append", metavar="KEY=VALUE",

@@ -1,6 +1,7 @@
 """Data: manifests, offline preparation, pre-processing and the two loaders.
 
 - manifest.py: the CSV of clips (one row = one memory slot) and its metadata columns
+- splits.py: UCF-101 / HMDB-51 split files, Kinetics and AudioSet CSVs -> manifest rows
 - probe.py / prepare.py: ``avidfast prepare`` (probe, reject with reasons, extract audio, transcode)
 - audio.py / video.py: the paper's pre-processing (spectrogram presets, jitter, crops, colour)
 - stats.py: ``avidfast stats`` (per-bin spectrogram mean/std for Z-normalisation)

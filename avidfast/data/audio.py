@@ -16,7 +16,6 @@ adjacent pairs (n_fft 512 -> 257 bins), 10 ms hop, dB floored 100 dB below each 
 Z-normalised with the per-bin mean/std the user supplies. The CPU pipeline computes it; the DALI
 pipeline refuses it.
 """
-import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -315,7 +314,7 @@ def decode_audio(path: str, start: float, duration: float, sample_rate: int = SA
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
         if start > 0:
             container.seek(int(max(0.0, start - 0.1) / stream.time_base), stream=stream, backward=True)
-        chunks, have, next_sample = [], 0, None
+        chunks, next_sample = [], None
         for frame in container.decode(stream):
             if frame.pts is not None and next_sample is None:
                 next_sample = int(round(float(frame.pts * stream.time_base) * sample_rate))

@@ -5,12 +5,11 @@ flip and colour jitter to every frame of a clip (supplement A, Table 3); evaluat
 short side to crop / 0.875 and centre-crops. Output: (3, T, H, W) float32, normalised.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

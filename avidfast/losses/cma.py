@@ -6,7 +6,7 @@ import torch
 
 from avidfast.distributed import BatchLayout, is_distributed
 from avidfast.losses.avid import AVIDLoss
-from avidfast.losses.bank_pair import PAIRS, BankPairLoss, weighted_terms
+from avidfast.losses.bank_pair import BankPairLoss, weighted_terms
 from avidfast.ops import cma_topk, sample_negatives, sorted_positives
 from avidfast.ops.cma import AGREEMENTS
 

@@ -34,7 +34,8 @@ class DemoSettings:
     colour_cue: float = COLOUR_CUE  # share of clips painted in their class's hue (random hue otherwise)
     seed: int = 0
     epochs: Optional[int] = None  # None: the demo config's
-    probe_clips: int = 2  # evenly spaced clips per video for the linear probe
+    probe_clips: int = 2  # evenly spaced clips per video for the linear probe and retrieval
+    held_out_videos: int = 60  # clips of a second synthetic set (seed + 1) for cross-modal retrieval
     progress: bool = True
     overrides: Sequence[str] = ()  # extra ``key=value`` settings of the demo training config
 
@@ -71,6 +72,23 @@ def _settings_of(config: Dict[str, object]) -> Dict[str, object]:
     plain = json.loads(json.dumps(config))
     plain.get("train", {}).pop("progress", None)
     return plain
+
+
+def _held_out_recall(model, cfg, manifest, settings: "DemoSettings", stats) -> Dict[str, object]:
+    """Video-to-audio / audio-to-video recall@1,5,10 of ``model``'s embeddings over the videos of
+    ``manifest`` (its evaluation clips averaged per video)."""
+    from avidfast.data.audio import get_preset
+    from avidfast.data.cpu_pipeline import ClipDataset, CPULoader
+    from avidfast.data.video import VideoConfig
+    from avidfast.eval.retrieval import cross_modal_recall, embed_clips
+
+    v = cfg.data.video
+    dataset = ClipDataset(manifest, video=VideoConfig(frames=v.frames, fps=v.fps, crop=v.crop),
+                          audio_preset=get_preset(cfg.data.audio.preset), stats=stats, mode="eval",
+                          clips_per_video=settings.probe_clips, seed=settings.seed)
+    clips = embed_clips(model, CPULoader(dataset, batch_size=32, workers=cfg.data.workers, drop_last=False),
+                        progress=settings.progress)
+    return cross_modal_recall(clips.video, clips.audio, (1, 5, 10), index=clips.index)
 
 
 def _loss_curve(metrics_csv: str, png: str) -> None:
@@ -179,6 +197,16 @@ def run_demo(settings: DemoSettings) -> Dict[str, object]:
         log.info("%s banks:\n%s", name, banks.format())
         figures[f"memory_{name}"] = banks.to_dict()
 
+    log.info("cross-modal retrieval on held-out synthetic clips (a set the network never saw)")
+    held_out = read_manifest(make_dataset(os.path.join(out, "held_out"), settings.held_out_videos, settings.classes,
+                                          settings.seconds, settings.seed + 1, colour_cue=settings.colour_cue,
+                                          progress=settings.progress))
+    for name, net in (("trained", model), ("random", random_model)):
+        recall = _held_out_recall(net, cfg, held_out, settings, stats)
+        log.info("%s network: recall@1 video->audio %.2f%%, audio->video %.2f%% (chance %.2f%%)", name,
+                 100 * recall["v2a"]["R@1"], 100 * recall["a2v"]["R@1"], 100 * recall["chance"]["R@1"])
+        figures[f"retrieval_{name}"] = recall
+
     log.info("5/5 loss curve and results")
     _loss_curve(os.path.join(cfg.run_dir, "metrics.csv"), os.path.join(out, "loss_curve.png"))
     atomic_write_text(os.path.join(out, "results.json"), json.dumps(figures, indent=2, default=str) + "\n")
@@ -203,6 +231,10 @@ def summary(figures: Dict[str, object], out: str) -> str:
     for kind in mt["mean"]:
         lines.append(f"  memory probe, {kind:<8} trained banks      {100 * mt['mean'][kind]:6.2f}% +- "
                      f"{100 * mt['std'][kind]:.2f}  (random banks {100 * mr['mean'][kind]:.2f}%)")
+    rt, rr = figures["retrieval_trained"], figures["retrieval_random"]
+    lines.append(f"  retrieval recall@1 on {rt['num_queries']} held-out videos: trained video->audio "
+                 f"{100 * rt['v2a']['R@1']:.2f}%, audio->video {100 * rt['a2v']['R@1']:.2f}%; random network "
+                 f"{100 * rr['v2a']['R@1']:.2f}% / {100 * rr['a2v']['R@1']:.2f}% (chance {100 * rt['chance']['R@1']:.2f}%)")
     verdict = "learned" if t >= 3 * chance and t > r else "did NOT reach 3x chance above the random network"
     lines.append(f"  verdict: {verdict}; loss curve {os.path.join(out, 'loss_curve.png')}, "
                  f"TensorBoard: tensorboard --logdir {os.path.join(out, 'train', 'tb')}")
