@@ -1,30 +1,13 @@
 """`avidfast eval finetune`: the whole video encoder fine-tuned on UCF-101 / HMDB-51 (Table 4)."""
 import argparse
 
-from avidfast.cli.common import UserError
-from avidfast.cli.eval.options import (add_checkpoint_options, add_config_options, load_eval_config_or_exit,
-                                       load_pretrained_or_exit)
+from avidfast.cli.eval.options import add_checkpoint_options, add_config_options, run_config_protocol
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from avidfast.data.cpu_pipeline import TooManyBadSamples
-    from avidfast.data.manifest import ManifestError
     from avidfast.eval.finetune import run_finetune
-    from avidfast.eval.run import start_run
 
-    cfg = load_eval_config_or_exit(args)
-    if cfg.protocol != "finetune":
-        raise UserError(f"{args.config}: protocol is '{cfg.protocol}'; use `avidfast eval {cfg.protocol}`")
-    pretrained = load_pretrained_or_exit(args, cfg.seed)
-    try:
-        run = start_run(cfg.run_dir, cfg.to_dict(), cfg.run.device, cfg.run.precision,
-                        {"checkpoint": pretrained.info, "protocol": "finetune"}, cfg.seed)
-        result = run_finetune(cfg, pretrained.model.video, run)
-    except (ManifestError, ValueError, TooManyBadSamples) as error:
-        raise UserError(str(error)) from None
-    what = "random-init" if args.random_init else "trained"
-    table = f"{cfg.name} ({what} {args.checkpoint})\n{result.format()}"
-    run.finish({"protocol": "finetune", "checkpoint": pretrained.info, **result.to_dict()}, table)
+    run_config_protocol(args, "finetune", run_finetune)
 
 
 def register(protocols) -> None:

@@ -35,7 +35,11 @@ def _memory(args: argparse.Namespace) -> None:
     out = args.out or os.path.join("runs", "eval", name)
     settings = {"repeats": args.repeats, "train_fraction": args.train_fraction, "epochs": args.epochs, "lr": args.lr,
                 "weight_decay": args.weight_decay, "seed": args.seed, "labels": labels_path}
-    run = start_run(out, settings, args.device, "fp32", {"checkpoint": pretrained.info, "protocol": "memory"}, args.seed)
+    try:
+        run = start_run(out, settings, args.device, "fp32", {"checkpoint": pretrained.info, "protocol": "memory"},
+                        args.seed)
+    except (ValueError, RuntimeError) as error:
+        raise UserError(f"--device {args.device}: {error}") from None
     result = memory_probe(pretrained.video_bank.float(), pretrained.audio_bank.float(), labels,
                           repeats=args.repeats, train_fraction=args.train_fraction, seed=args.seed,
                           epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, device=run.device)
