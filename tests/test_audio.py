@@ -52,8 +52,14 @@ def test_gain_shifts_the_log_spectrogram_by_its_decibels():
     wave = torch.randn(preset.samples)
     plain = audio.log_spectrogram(wave, preset)
     louder = audio.log_spectrogram(wave, preset, gain=1.1)
-    # float32 FFT rounding moves weak bins by up to a few thousandths of a dB
-    torch.testing.assert_close(louder - plain, torch.full_like(plain, 20 * np.log10(1.1)), atol=1e-2, rtol=0)
+    # float32 FFT rounding moves a bin by about its depth below the frame's strongest bins: bins within
+    # 40 dB of the maximum (over 90% of them) agree to 1e-3 dB; the rare deep notches of random noise
+    # (300 draws: up to 0.2 dB) are only required to follow the median
+    shift = torch.full_like(plain, 20 * np.log10(1.1))
+    strong = plain > plain.max() - 40
+    assert strong.float().mean() > 0.9
+    torch.testing.assert_close((louder - plain)[strong], shift[strong], atol=1e-3, rtol=0)
+    assert abs(float((louder - plain).median()) - 20 * np.log10(1.1)) < 1e-3
     assert (louder - plain - 20 * np.log10(1.1)).abs().median() < 1e-4
 
 
