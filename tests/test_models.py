@@ -7,6 +7,8 @@ from avidfast.models import (AVModel, AudioEncoder, ProjectionHead, VideoEncoder
                              preset_input_shapes)
 from avidfast.models.audio import AudioBlock
 from avidfast.models.video import R2Plus1DBlock
+from avidfast.train.config import load_config
+from avidfast.train.loop import build_model
 
 # The tables as printed in the supplement (avid-cma-supplement.txt, Tables 5 and 6); the fc rows
 # are checked separately (test_heads). Video columns: layer X_s X_t C K_s K_t S_s S_t;
@@ -339,6 +341,26 @@ def test_heads():
     assert [n for n, _ in lin.named_children()] == ["fc1"] and lin.fc1.out_features == 8
     with pytest.raises(ValueError):
         head(torch.randn(5, 31))
+
+
+def test_head_input_norm_standardises_the_shared_mean_of_pooled_features():
+    # pooled ReLU features: a large positive mean shared by every clip, small clip-specific parts
+    x = 3.0 + 0.3 * torch.randn(16, 32)
+    plain, normed = ProjectionHead(32, 16, 8), ProjectionHead(32, 16, 8, input_norm=True)
+    normed.load_state_dict({**plain.state_dict(), **{k: v for k, v in normed.state_dict().items() if "in_bn" in k}})
+    bn = normed.in_bn
+    expected = plain((x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + bn.eps))
+    torch.testing.assert_close(normed(x), expected)  # train mode: batch statistics, then the same MLP
+
+    def mean_cos(e):
+        e = F.normalize(e, dim=1)
+        return float(((e @ e.T).sum() - len(e)) / (len(e) * (len(e) - 1)))
+
+    with torch.no_grad():  # nearly one direction without it; the ReLU layers still share some with it
+        assert mean_cos(plain(x)) > 0.98 and mean_cos(normed(x)) < 0.95
+    config = load_config("demo", ["model.head_input_norm=true"])
+    model = build_model(config)
+    assert isinstance(model.video_head.in_bn, torch.nn.BatchNorm1d) and build_model(load_config("demo")).video_head.in_bn is None
 
 
 def _small_inputs(b=2):

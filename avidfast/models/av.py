@@ -38,20 +38,23 @@ class AVModel(nn.Module):
         hidden: hidden size of the heads; None = the encoder's out_dim (512 at width 64, as in
             the tables' fc1/fc2).
         head_layers: linear layers per head (3: fc1..fc3 of the tables; 1: a linear projection).
+        head_input_norm: a BatchNorm1d at the input of each head (not in the paper; see ProjectionHead).
     """
 
     def __init__(self, video: nn.Module, audio: nn.Module, embed_dim: int = 128,
-                 hidden: Optional[int] = None, head_layers: int = 3):
+                 hidden: Optional[int] = None, head_layers: int = 3, head_input_norm: bool = False):
         super().__init__()
         self.video = video
         self.audio = audio
         self.embed_dim = embed_dim
-        self.video_head = ProjectionHead(video.out_dim, hidden or video.out_dim, embed_dim, head_layers)
-        self.audio_head = ProjectionHead(audio.out_dim, hidden or audio.out_dim, embed_dim, head_layers)
+        self.video_head = ProjectionHead(video.out_dim, hidden or video.out_dim, embed_dim, head_layers,
+                                         head_input_norm)
+        self.audio_head = ProjectionHead(audio.out_dim, hidden or audio.out_dim, embed_dim, head_layers,
+                                         head_input_norm)
 
     @classmethod
     def from_preset(cls, preset: str = "table5", width: int = 64, embed_dim: int = 128,
-                    hidden: Optional[int] = None, head_layers: int = 3,
+                    hidden: Optional[int] = None, head_layers: int = 3, head_input_norm: bool = False,
                     video_kwargs: Optional[Dict[str, Any]] = None,
                     audio_kwargs: Optional[Dict[str, Any]] = None) -> "AVModel":
         """The networks of Table 5 ("table5") or Table 6 ("table6") at a given channel width.
@@ -63,7 +66,7 @@ class AVModel(nn.Module):
             raise ValueError(f"preset must be one of {list(PRESETS)}, got {preset!r}")
         video = VideoEncoder(preset, width, **(video_kwargs or {}))
         audio = AudioEncoder(preset, width, **(audio_kwargs or {}))
-        return cls(video, audio, embed_dim, hidden, head_layers)
+        return cls(video, audio, embed_dim, hidden, head_layers, head_input_norm)
 
     def to_channels_last(self) -> "AVModel":
         """Video weights to channels_last_3d and audio weights to channels_last (in place)."""

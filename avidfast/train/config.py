@@ -72,6 +72,7 @@ class ModelSection:
     width: int = 64  # channels of the first stage (64 in the paper; smaller for CPU demos)
     embed_dim: int = 128
     head_layers: int = 3  # Linear layers per projection head (3: fc1..fc3 of the tables; 1: a linear projection)
+    head_input_norm: bool = False  # BatchNorm1d before each head (not in the paper; against small-data collapse)
 
 
 @dataclass

@@ -81,7 +81,7 @@ def build_model(cfg: Config):
 
     torch.manual_seed(cfg.seed)
     return AVModel.from_preset(cfg.model.preset, width=cfg.model.width, embed_dim=cfg.model.embed_dim,
-                               head_layers=cfg.model.head_layers)
+                               head_layers=cfg.model.head_layers, head_input_norm=cfg.model.head_input_norm)
 
 
 def build_criterion(cfg: Config, num_items: int, init: Optional[Dict] = None):
