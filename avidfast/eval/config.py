@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 from avidfast.train.config import (PACKAGE_CONFIGS, AudioSection, ConfigError, VideoSection, build_typed,
-                                   read_tree, shipped_configs)
+                                   check_values, read_tree, shipped_configs)
 
 EVAL_CONFIGS = os.path.join(PACKAGE_CONFIGS, "eval")
 PROTOCOLS = ("linear", "finetune")
@@ -98,17 +98,12 @@ class EvalConfig:
             "linear.pool": (self.linear.pool, ("max", "mean")),
             "run.precision": (self.run.precision, ("auto", "bf16", "fp32")),
         }
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
         positive = {
             "optim.batch_size": self.optim.batch_size, "optim.epochs": self.optim.epochs,
             "data.clips_per_video": self.data.clips_per_video, "data.video.frames": self.data.video.frames,
             "data.video.crop": self.data.video.crop, "run.log_every": self.run.log_every,
         }
-        for key, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{key} must be positive, got {value}")
+        check_values(choices, positive)
         if self.optim.samples_per_epoch is not None and self.optim.samples_per_epoch < 1:
             raise ConfigError(f"optim.samples_per_epoch must be positive or null, got {self.optim.samples_per_epoch}")
         if not 0 < self.data.test_fraction < 1:

@@ -17,6 +17,17 @@ class ConfigError(ValueError):
     """A configuration mistake: the message names the key and what to do."""
 
 
+def check_values(choices: Dict[str, Tuple[Any, Sequence[Any]]], positive: Dict[str, int]) -> None:
+    """ConfigError naming the first key whose value is not among its allowed ones (``choices``:
+    key -> (value, allowed)) or is below 1 (``positive``: key -> value)."""
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be positive, got {value}")
+
+
 @dataclass
 class VideoSection:
     """Video clips and their training augmentation (Table 3; sizes of Table 5 / 6)."""
@@ -147,9 +158,6 @@ class Config:
             "loss.agreement": (self.loss.agreement, ("consensus", "union", "video", "audio")),
             "train.precision": (self.train.precision, ("auto", "bf16", "fp16", "fp32")),
         }
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
         positive = {
             "optim.batch_size": self.optim.batch_size, "optim.epochs": self.optim.epochs,
             "data.video.frames": self.data.video.frames, "data.video.crop": self.data.video.crop,
@@ -157,9 +165,7 @@ class Config:
             "loss.num_negatives": self.loss.num_negatives,
             "train.log_every": self.train.log_every,
         }
-        for key, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{key} must be positive, got {value}")
+        check_values(choices, positive)
         if self.data.workers < 0:
             raise ConfigError(f"data.workers must be 0 or more, got {self.data.workers}")
         if self.data.audio.preset == "reference" and self.data.pipeline == "dali":

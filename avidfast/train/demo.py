@@ -53,18 +53,24 @@ def _split_videos(labels: torch.Tensor, train_fraction: float, seed: int):
     return torch.cat(train).sort().values, torch.cat(test).sort().values
 
 
-def _probe_features(model, cfg, manifest, settings: DemoSettings, stats):
+def _eval_loader(cfg, manifest, settings: "DemoSettings", stats):
+    """``settings.probe_clips`` evenly spaced, centre-cropped clips of every video of ``manifest``."""
     from avidfast.data.audio import get_preset
     from avidfast.data.cpu_pipeline import ClipDataset, CPULoader
     from avidfast.data.video import VideoConfig
-    from avidfast.eval.features import extract_features
 
     v = cfg.data.video
     video = VideoConfig(frames=v.frames, fps=v.fps, crop=v.crop)
     dataset = ClipDataset(manifest, video=video, audio_preset=get_preset(cfg.data.audio.preset), stats=stats,
                           mode="eval", clips_per_video=settings.probe_clips, seed=settings.seed)
-    loader = CPULoader(dataset, batch_size=32, workers=cfg.data.workers)
-    return extract_features(model, loader, modality="video", progress=settings.progress)
+    return CPULoader(dataset, batch_size=32, workers=cfg.data.workers)
+
+
+def _probe_features(model, cfg, manifest, settings: "DemoSettings", stats):
+    from avidfast.eval.features import extract_features
+
+    return extract_features(model, _eval_loader(cfg, manifest, settings, stats), modality="video",
+                            progress=settings.progress)
 
 
 def _settings_of(config: Dict[str, object]) -> Dict[str, object]:
@@ -77,17 +83,9 @@ def _settings_of(config: Dict[str, object]) -> Dict[str, object]:
 def _held_out_recall(model, cfg, manifest, settings: "DemoSettings", stats) -> Dict[str, object]:
     """Video-to-audio / audio-to-video recall@1,5,10 of ``model``'s embeddings over the videos of
     ``manifest`` (its evaluation clips averaged per video)."""
-    from avidfast.data.audio import get_preset
-    from avidfast.data.cpu_pipeline import ClipDataset, CPULoader
-    from avidfast.data.video import VideoConfig
     from avidfast.eval.retrieval import cross_modal_recall, embed_clips
 
-    v = cfg.data.video
-    dataset = ClipDataset(manifest, video=VideoConfig(frames=v.frames, fps=v.fps, crop=v.crop),
-                          audio_preset=get_preset(cfg.data.audio.preset), stats=stats, mode="eval",
-                          clips_per_video=settings.probe_clips, seed=settings.seed)
-    clips = embed_clips(model, CPULoader(dataset, batch_size=32, workers=cfg.data.workers, drop_last=False),
-                        progress=settings.progress)
+    clips = embed_clips(model, _eval_loader(cfg, manifest, settings, stats), progress=settings.progress)
     return cross_modal_recall(clips.video, clips.audio, (1, 5, 10), index=clips.index)
 
 
