@@ -345,6 +345,7 @@ def test_heads():
 
 def test_head_input_norm_standardises_the_shared_mean_of_pooled_features():
     # pooled ReLU features: a large positive mean shared by every clip, small clip-specific parts
+    torch.manual_seed(0)
     x = 3.0 + 0.3 * torch.randn(16, 32)
     plain, normed = ProjectionHead(32, 16, 8), ProjectionHead(32, 16, 8, input_norm=True)
     normed.load_state_dict({**plain.state_dict(), **{k: v for k, v in normed.state_dict().items() if "in_bn" in k}})
@@ -356,8 +357,17 @@ def test_head_input_norm_standardises_the_shared_mean_of_pooled_features():
         e = F.normalize(e, dim=1)
         return float(((e @ e.T).sum() - len(e)) / (len(e) * (len(e) - 1)))
 
-    with torch.no_grad():  # nearly one direction without it; the ReLU layers still share some with it
-        assert mean_cos(plain(x)) > 0.98 and mean_cos(normed(x)) < 0.95
+    # Nearly one direction without it; the ReLU layers still share some with it. One random head varies a lot
+    # (0.93-0.999 plain, 0.75-0.97 normed over 300 seeds), so compare medians over 8 heads (100 seeds:
+    # plain >= 0.987, normed <= 0.915).
+    plain_cos, normed_cos = [], []
+    for _ in range(8):
+        plain, normed = ProjectionHead(32, 16, 8), ProjectionHead(32, 16, 8, input_norm=True)
+        normed.load_state_dict({**plain.state_dict(), **{k: v for k, v in normed.state_dict().items() if "in_bn" in k}})
+        with torch.no_grad():
+            plain_cos.append(mean_cos(plain(x)))
+            normed_cos.append(mean_cos(normed(x)))
+    assert torch.tensor(plain_cos).median() > 0.97 and torch.tensor(normed_cos).median() < 0.94
     config = load_config("demo", ["model.head_input_norm=true"])
     model = build_model(config)
     assert isinstance(model.video_head.in_bn, torch.nn.BatchNorm1d) and build_model(load_config("demo")).video_head.in_bn is None
