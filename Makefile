@@ -16,11 +16,12 @@ CMAKE_BUILD ?= .cmake-build
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
 
-.PHONY: help venv install media test demo bench cuda-check cmake-check clean
+.PHONY: help venv install media test demo demo-eval bench cuda-check cmake-check clean
 
 help:
 	@echo "make test         build into $(VENV) (TORCH_SPEC=$(TORCH_SPEC)) and run the whole test suite"
 	@echo "make demo         the main job: synthetic data, Cross-AVID training on this CPU, probes (runs/demo)"
+	@echo "make demo-eval    every evaluation protocol on the demo checkpoint and on a random network (after make demo)"
 	@echo "make bench        the pytest-benchmark suites in benchmarks/"
 	@echo "make media        fetch the real test clips into $(CACHE_DIR)/media (the tests skip without them)"
 	@echo "make cuda-check   compile every .cu against $(CUDA_TORCH_SPEC) (venv: $(CUDA_VENV))"
@@ -50,6 +51,9 @@ test: install media
 
 demo: install
 	$(BIN)/avidfast demo --out runs/demo
+
+demo-eval: install
+	bash scripts/demo_eval.sh runs/demo $(BIN)/avidfast
 
 bench: install
 	$(BIN)/python -m pytest benchmarks --benchmark-columns=median,iqr,rounds

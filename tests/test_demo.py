@@ -33,5 +33,5 @@ def test_demo_runs_end_to_end_and_reuses_its_work(tmp_path, capsys):
     from avidfast.train.config import ConfigError
 
     with pytest.raises(ConfigError, match="other settings"):
-        run_demo(dataclasses.replace(settings, overrides=["optim.lr=1e-3"]))
+        run_demo(dataclasses.replace(settings, overrides=["optim.lr=2e-3"]))
     assert os.path.getmtime(tmp_path / "demo" / "train" / "checkpoints" / "last.pt") == mtime

@@ -311,14 +311,16 @@ def test_cma_training_starts_from_a_reference_checkpoint(tiny_set, tmp_path):
 
 def test_avid_training_takes_weights_banks_and_partition_from_a_reference_checkpoint(tiny_set, tmp_path):
     from avidfast.train.config import load_config
-    from avidfast.train.loop import train
+    from avidfast.train.loop import TrainingError, train
 
     _, state = reference_checkpoint(width=4, num_items=8, partitions=(0.0321,))
     path = tmp_path / "AVID_checkpoint.pth.tar"
     torch.save(state, path)
-    cfg = load_config("demo", TINY_CMA[:-4] + ["loss.num_negatives=4", "model.preset=table6",
-                                               f"data.manifest={tiny_set}", f"out_dir={tmp_path / 'avid'}",
-                                               f"loss.init_from_reference={path}"])
+    demo_overrides = TINY_CMA[:-4] + ["loss.num_negatives=4", "model.preset=table6", f"data.manifest={tiny_set}",
+                                      f"out_dir={tmp_path / 'avid'}", f"loss.init_from_reference={path}"]
+    with pytest.raises(TrainingError, match="with a head input norm.*--set model.head_input_norm=false"):
+        train(load_config("demo", demo_overrides))  # the demo config adds a BatchNorm the paper's heads lack
+    cfg = load_config("demo", demo_overrides + ["model.head_input_norm=false"])
     result = train(cfg, max_steps=1)
     assert result.steps == 1
     assert torch.allclose(result.criterion.Z, torch.full((4,), 0.0321))

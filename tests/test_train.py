@@ -71,6 +71,9 @@ def test_config_errors_name_the_key():
         load_config("cma_s5_audioset", ["loss.init_from=null"])
     with pytest.raises(ConfigError, match="optim.lr: expected a number, got 'fast'"):
         load_config("demo", ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="model.head_input_norm needs batch statistics.*optim.batch_size"):
+        load_config("demo", ["optim.batch_size=1"])
+    assert load_config("demo", ["optim.batch_size=1", "model.head_input_norm=false"]).optim.batch_size == 1
 
 
 def test_numbers_in_e_notation_without_a_dot_are_numbers():

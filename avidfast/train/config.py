@@ -171,6 +171,9 @@ class Config:
         if self.data.audio.preset == "reference" and self.data.pipeline == "dali":
             raise ConfigError("data.audio.preset=reference is computed by the CPU pipeline only; "
                               "set data.pipeline=cpu")
+        if self.model.head_input_norm and self.optim.batch_size < 2:
+            raise ConfigError("model.head_input_norm needs batch statistics: set optim.batch_size (per process) "
+                              f"to 2 or more (got {self.optim.batch_size}), or model.head_input_norm=false")
         if self.loss.init_from and self.loss.init_from_reference:
             raise ConfigError("loss.init_from and loss.init_from_reference are both set; keep one")
         if self.loss.kind == "cma" and not (self.loss.init_from or self.loss.init_from_reference):

@@ -123,12 +123,14 @@ def load_reference_init(cfg: Config, model, num_items: int, trust: bool = False)
     try:
         model.load_state_dict(reference.state_dict())
     except RuntimeError:
+        norm = ", with a head input norm" if cfg.model.head_input_norm else ""
         raise TrainingError(
             f"loss.init_from_reference {path}: its networks are {info['preset']} at width {info['width']} with "
-            f"embed_dim {info['embed_dim']} and {info['head_layers']}-layer heads, but the config builds "
-            f"model.preset={cfg.model.preset}, model.width={cfg.model.width}, model.embed_dim={cfg.model.embed_dim} "
-            f"({cfg.model.head_layers}-layer heads); --set model.preset={info['preset']} --set model.width={info['width']} "
-            f"--set model.embed_dim={info['embed_dim']} --set model.head_layers={info['head_layers']}") from None
+            f"embed_dim {info['embed_dim']} and {info['head_layers']}-layer heads (no head input norm), but the "
+            f"config builds model.preset={cfg.model.preset}, model.width={cfg.model.width}, "
+            f"model.embed_dim={cfg.model.embed_dim} ({cfg.model.head_layers}-layer heads{norm}); "
+            f"--set model.preset={info['preset']} --set model.width={info['width']} --set model.embed_dim={info['embed_dim']} "
+            f"--set model.head_layers={info['head_layers']} --set model.head_input_norm=false") from None
     if loss_state is None:
         if cfg.loss.kind == "cma":
             raise TrainingError(f"loss.init_from_reference {path}: no train_criterion (memory banks) in the file; "
