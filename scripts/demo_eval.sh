@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every evaluation protocol on the `make demo` checkpoint and, as the baseline, on the same network
 # freshly initialised (--random-init): linear probe, memory probe, fine-tuning, retrieval + k-NN.
-# Usage: scripts/demo_eval.sh [DEMO_DIR (runs/demo)] [AVIDFAST (avidfast)]. About 8 minutes on 2 cores.
+# Usage: scripts/demo_eval.sh [DEMO_DIR (runs/demo)] [AVIDFAST (avidfast)]. About 5 minutes on 2 cores.
 # Results: DEMO_DIR/eval/<protocol>-<trained|random>/results.json and a printed table per run.
 set -euo pipefail
 demo=${1:-runs/demo}
@@ -12,10 +12,10 @@ if [ ! -f "$checkpoint" ]; then
     exit 2
 fi
 data=(--set "data.train_manifest=$demo/data/manifest.csv" --set "data.audio.stats=$demo/data/table5-stats.npz")
+out=$demo/eval
 for init in trained random; do
     extra=()
     [ "$init" = random ] && extra=(--random-init)
-    out=$demo/eval
     "$avidfast" eval linear demo-linear "${data[@]}" --set "out_dir=$out/linear-$init" --checkpoint "$checkpoint" ${extra[@]+"${extra[@]}"}
     "$avidfast" eval memory --checkpoint "$checkpoint" --out "$out/memory-$init" ${extra[@]+"${extra[@]}"}
     "$avidfast" eval finetune demo-finetune "${data[@]}" --set "out_dir=$out/finetune-$init" --checkpoint "$checkpoint" ${extra[@]+"${extra[@]}"}
