@@ -1,6 +1,6 @@
 """DALI data pipeline: the same batches as the CPU pipeline, decoded and augmented by NVIDIA DALI.
 
-Batch contract (both pipelines, DESIGN.md principle 5), for a loader built with batch size B:
+Batch contract (both pipelines; docs/architecture.md), for a loader built with batch size B:
 
 * ``video``: (B, 3, T, H, W) float32, pixel values in [0, 1] normalised with VideoConfig.mean/std
   (T = VideoConfig.frames, H = W = VideoConfig.crop);

@@ -1,4 +1,4 @@
-"""AVIDLoss: audio-visual instance discrimination against memory banks (METHOD.md, AVID)."""
+"""AVIDLoss: audio-visual instance discrimination against memory banks (docs/method.md, AVID loss)."""
 from typing import Dict, Tuple
 
 import torch

@@ -1,4 +1,4 @@
-"""CMALoss: cross-modal agreement on top of AVID's memory banks (METHOD.md, CMA)."""
+"""CMALoss: cross-modal agreement on top of AVID's memory banks (docs/method.md, CMA)."""
 import math
 from typing import Dict, Mapping, Optional, Tuple, Union
 

@@ -91,7 +91,7 @@ def nce_memory_loss(
     *,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """METHOD.md's NCE, term by term: mean over positives plus sum over negatives, per row."""
+    """The NCE of docs/method.md, term by term: mean over positives plus sum over negatives, per row."""
     if pos_idx.dim() == 1:
         pos_idx = pos_idx.unsqueeze(1)
     dtype = _accumulate_dtype(x.dtype)

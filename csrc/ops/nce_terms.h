@@ -1,4 +1,4 @@
-// The NCE terms of METHOD.md with a frozen partition estimate Z, written in the stable softplus
+// The NCE terms of docs/method.md with a frozen partition estimate Z, written in the stable softplus
 // form. With c = log(K * Z) and score s = <x, m> / T:
 //   positive: -log(e^s / (e^s + K Z))   = softplus(c - s),  d/ds = -sigmoid(c - s)
 //   negative: -log(K Z / (e^s + K Z))   = softplus(s - c),  d/ds =  sigmoid(s - c)
