@@ -331,6 +331,87 @@ def test_options_and_bad_arguments():
         AVModel.from_preset("table9")
 
 
+def test_transposed_spectrogram_is_refused_naming_the_layout():
+    model = AVModel.from_preset("table6", width=4, embed_dim=8, audio_preset="table6").eval()
+    video = torch.randn(2, 3, 4, 32, 32)
+    expected = ("audio: expected (B, 1, F=257, T) log-spectrogram (frequency bins on dim 2) for preset table6, "
+                "got shape (2, 1, 200, 257): it looks transposed; pass spec.transpose(2, 3)")
+    spec = torch.randn(2, 1, 257, 200)
+    with torch.no_grad():
+        for call in (lambda a: model(video, a), model.embed_audio, model.audio, model.audio.features):
+            with pytest.raises(ValueError) as info:
+                call(spec.transpose(2, 3))
+            assert str(info.value) == expected
+        v, a = model(video, spec)  # the right layout works
+        assert v.shape == a.shape == (2, 8) and torch.isfinite(a).all()
+        torch.testing.assert_close(model(video, spec.transpose(2, 3).transpose(2, 3))[1], a)  # the fix it names
+        with pytest.raises(ValueError, match=r"got shape \(2, 1, 129, 100\): 129 frequency bins, not 257"):
+            model(video, torch.randn(2, 1, 129, 100))  # another preset's spectrogram
+        with pytest.raises(ValueError, match=r"\(B, 1, F=257, T\).*pass spec.unsqueeze\(1\)"):
+            model(video, spec[:, 0])
+        # training builds the model for data.audio.preset (demo: table5, 129 x 100)
+        demo = build_model(load_config("demo", ["model.width=4"])).eval()
+        assert demo.audio.audio_preset == "table5" and demo.audio.freq_bins == 129
+        assert demo(video, torch.randn(2, 1, 129, 100))[1].shape == (2, 128)
+        with pytest.raises(ValueError, match=r"F=129, T\).*preset table5, got shape \(2, 1, 100, 129\): it looks "
+                                             r"transposed; pass spec.transpose\(2, 3\)"):
+            demo(video, torch.randn(2, 1, 100, 129))
+        model.audio.audio_preset = None  # no preset: dims and channels only, any F works
+        assert model(video, spec.transpose(2, 3))[1].shape == (2, 8)
+    assert AVModel.from_preset("table5").audio.freq_bins is None  # no preset given: no frequency check
+    with pytest.raises(ValueError, match="audio preset 'table7': unknown"):
+        AudioEncoder("table5", 4, audio_preset="table7")
+
+
+def test_reference_preset_spectrograms_keep_working():
+    # the reference preset: 257 x 200, the layout of table6 (a table5 network may read it too)
+    video, spec = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 1, 257, 200)
+    for model in (AVModel.from_preset("table6", width=4, embed_dim=8, audio_preset="reference"),
+                  build_model(load_config("demo", ["model.width=4", "data.audio.preset=reference"]))):
+        model.eval()
+        assert model.audio.freq_bins == 257
+        with torch.no_grad():
+            v, a = model(video, spec)
+            assert torch.isfinite(a).all() and a.shape == v.shape
+            with pytest.raises(ValueError, match=r"F=257, T\).*preset reference.*it looks transposed"):
+                model(video, spec.transpose(2, 3))
+
+
+def test_video_with_channels_on_dim_2_is_refused():
+    model = AVModel.from_preset("table5", width=4, embed_dim=8, audio_preset="table5").eval()
+    video, audio = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 1, 129, 100)
+    with torch.no_grad():
+        for call in (lambda v: model(v, audio), model.embed_video, model.video, model.video.features):
+            with pytest.raises(ValueError) as info:
+                call(video.transpose(1, 2))
+            assert str(info.value) == ("video: expected (B, 3, T, H, W) clips (channels on dim 1), got shape "
+                                       "(2, 4, 3, 32, 32): channels are on dim 2, it looks like (B, T, 3, H, W); "
+                                       "pass video.transpose(1, 2)")
+        with pytest.raises(ValueError, match=r"\(B, 3, T, H, W\).*\(3, 4, 32, 32\): the batch dim is missing"):
+            model(video[0], audio)
+        with pytest.raises(ValueError, match=r"channels are on dim 4.*permute\(0, 4, 1, 2, 3\)"):
+            model(video.permute(0, 2, 3, 4, 1), audio)
+        with pytest.raises(ValueError, match=r"got shape \(2, 1, 4, 32, 32\)$"):
+            model(video[:, :1], audio)  # wrong channel count
+        # any frame count works (nothing in the network fixes it)
+        assert model(torch.randn(2, 3, 6, 32, 32), audio)[0].shape == (2, 8)
+
+
+def test_layout_checks_under_torch_compile():
+    model = AVModel.from_preset("table5", width=4, embed_dim=8, audio_preset="table5").eval()
+    video, audio = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 1, 129, 100)
+    with torch.no_grad():
+        want = model(video, audio)
+        got = torch.compile(model, backend="eager", fullgraph=True)(video, audio)  # the checks break no graph
+        for w, g in zip(want, got):
+            torch.testing.assert_close(g, w)
+        compiled = torch.compile(model, backend="eager")
+        with pytest.raises(ValueError, match=r"it looks transposed; pass spec.transpose\(2, 3\)"):
+            compiled(video, audio.transpose(2, 3))
+        with pytest.raises(ValueError, match=r"pass video.transpose\(1, 2\)"):
+            compiled(video.transpose(1, 2), audio)
+
+
 def test_heads():
     head = ProjectionHead(32, 16, 8)
     x = torch.randn(5, 32)

@@ -184,6 +184,48 @@ def test_sigterm_mid_epoch_leaves_a_loadable_checkpoint(tiny_set, tmp_path):
     assert not resumed.interrupted
 
 
+def test_too_many_negatives_for_the_manifest_is_a_one_line_config_error(tiny_set, tmp_path):
+    """`avidfast train` refuses loss.num_negatives the sampler cannot draw: exit 2, one line, nothing written."""
+    run = tmp_path / "run"
+    cli = os.path.join(os.path.dirname(sys.executable), "avidfast")  # the installed console script
+    command = [cli] if os.path.isfile(cli) else [sys.executable, "-m", "avidfast.cli"]
+    items = TINY + [f"data.manifest={tiny_set}", f"out_dir={run}", "loss.num_negatives=7"]  # 8 rows: at most 6
+    done = subprocess.run(command + ["train", "demo"] + [f"--set={item}" for item in items], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"avidfast: error: loss.num_negatives=7 does not fit the manifest {tiny_set}: it has 8 rows, and a clip's "
+        "negatives are drawn from the other rows (at most rows - 2 = 6); --set loss.num_negatives=6 or less, "
+        "or use a larger manifest"], done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert not (run / "checkpoints" / "last.pt").exists() and not run.exists()  # refused before anything is written
+
+
+def test_the_negatives_bound_is_the_samplers(tiny_set, tmp_path):
+    from avidfast.losses import CMALoss
+
+    assert type(build_criterion(_cfg(tiny_set, tmp_path, "loss.num_negatives=6"), 8)).__name__ == "AVIDLoss"  # N - 2
+    with pytest.raises(ConfigError, match=r"loss.num_negatives=7 does not fit .* 8 rows"):
+        build_criterion(_cfg(tiny_set, tmp_path, "loss.num_negatives=7"), 8)
+    # CMA: the P positives are excluded too, so K <= N - P - 2
+    cma = ["loss.kind=cma", "loss.init_from=avid.pt", "loss.num_positives=2", "loss.num_negatives_within=2"]
+    _cfg(tiny_set, tmp_path, *cma, "loss.num_negatives=4").check_num_items(8)
+    CMALoss(8, num_negatives=4, num_negatives_within=2, num_positives=2)
+    with pytest.raises(ConfigError, match=r"other than itself and its loss.num_positives=2 positives \(at most rows - "
+                                          r"loss.num_positives - 2 = 4\); --set loss.num_negatives=4 or less \(or fewer "
+                                          r"loss.num_positives\), or use a larger manifest$"):
+        _cfg(tiny_set, tmp_path, *cma, "loss.num_negatives=5").check_num_items(8)
+    with pytest.raises(ValueError):
+        CMALoss(8, num_negatives=5, num_negatives_within=2, num_positives=2)
+    with pytest.raises(ConfigError, match=r"2 rows.*\(none are left\); use a manifest of at least 3 rows$"):
+        _cfg(tiny_set, tmp_path, "loss.num_negatives=1").check_num_items(2)
+    with pytest.raises(ConfigError, match=r"\(none are left\); use a manifest of at least 35 rows, or --set "
+                                          r"loss.num_positives=5 or less$"):
+        _cfg(tiny_set, tmp_path, "loss.kind=cma", "loss.init_from=avid.pt", "loss.num_negatives=1024").check_num_items(8)
+    with pytest.raises(ConfigError, match=r"loss.num_negatives_within=5 must lie in \[1, loss.num_negatives = 4\]"):
+        _cfg(tiny_set, tmp_path, *cma, "loss.num_negatives=4", "loss.num_negatives_within=5")
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

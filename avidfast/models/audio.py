@@ -18,18 +18,26 @@ The reference's blocks are plain (conv-BN-ReLU twice, no shortcut); that is the 
 checkpoints map onto ours. residual=True adds a ResNet shortcut (see `AudioBlock`).
 """
 from collections import OrderedDict
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from avidfast.data.audio import PRESETS as SPECTROGRAM_PRESETS
+from avidfast.data.audio import get_preset
 from avidfast.models.init import init_conv_bn_
 
-# preset -> (stride of block2, native input (F, T))
+
+def _native(name: str) -> Tuple[int, int]:
+    preset = SPECTROGRAM_PRESETS[name]
+    return preset.bins, preset.frames
+
+
+# preset -> (stride of block2, native input (F, T): the spectrogram preset of the same name)
 AUDIO_PRESETS: Dict[str, Tuple[int, Tuple[int, int]]] = {
-    "table5": (1, (129, 100)),
-    "table6": (2, (257, 200)),
+    "table5": (1, _native("table5")),  # 129 x 100
+    "table6": (2, _native("table6")),  # 257 x 200
 }
 STAGES = ("block2", "block3", "block4", "block5")
 
@@ -89,6 +97,13 @@ class AudioEncoder(nn.Module):
         zero_init_last_bn: zero every block's bn2 scale; needs residual=True (a plain block
             would output zeros).
         in_channels: input channels (1).
+        audio_preset: the spectrogram preset the input comes from (a name of
+            `avidfast.data.audio.PRESETS`: table5, table6 or reference), or None. When set, forward
+            and features check that dim 2 holds that preset's frequency bins and raise a ValueError
+            naming the expected layout otherwise (a (B, 1, T, F) spectrogram is caught). None (the
+            default) checks only dims and channels. It is independent of `depth`: a table6 network
+            can read reference spectrograms (both 257 bins). Settable later (`enc.audio_preset = None`
+            turns the check off).
 
     Any F, T work; the sizes of Tables 5 and 6 come out at the presets' native inputs
     (`AUDIO_PRESETS`). Modules: conv1 (`AudioStem`), block2..block5 (nn.Sequential of one
@@ -101,7 +116,7 @@ class AudioEncoder(nn.Module):
     """
 
     def __init__(self, depth: str = "table5", width: int = 64, *, residual: bool = False,
-                 zero_init_last_bn: bool = False, in_channels: int = 1):
+                 zero_init_last_bn: bool = False, in_channels: int = 1, audio_preset: Optional[str] = None):
         super().__init__()
         if depth not in AUDIO_PRESETS:
             raise ValueError(f"depth must be one of {sorted(AUDIO_PRESETS)}, got {depth!r}")
@@ -113,6 +128,7 @@ class AudioEncoder(nn.Module):
         self.depth = depth
         self.width = width
         self.in_channels = in_channels
+        self.audio_preset = audio_preset  # sets freq_bins (None: no frequency check)
         self.zero_init_last_bn = zero_init_last_bn
         channels = [width, 2 * width, 4 * width, 8 * width]
         strides = [first_stride, 2, 2, 1]
@@ -133,9 +149,40 @@ class AudioEncoder(nn.Module):
                 if isinstance(m, AudioBlock):
                     nn.init.zeros_(m.bn2.weight)
 
+    @property
+    def audio_preset(self) -> Optional[str]:
+        """The spectrogram preset whose frequency bins forward checks (None: no check)."""
+        return self._audio_preset
+
+    @audio_preset.setter
+    def audio_preset(self, name: Optional[str]) -> None:
+        # A plain int, so that the check in forward is a Python comparison of shapes (cheap,
+        # no host sync, traced by torch.compile without a graph break).
+        self.freq_bins: Optional[int] = None if name is None else get_preset(name).bins
+        self._audio_preset = name
+
     def _check(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"audio must be (B, {self.in_channels}, F, T), got {tuple(x.shape)}")
+        """Shape checks only: dims, channels, and the frequency bins on dim 2 when the preset is known."""
+        c, bins = self.in_channels, self.freq_bins
+        if x.dim() != 4 or x.shape[1] != c or (bins is not None and x.shape[2] != bins):
+            raise ValueError(self._layout_error(tuple(x.shape)))
+
+    def _layout_error(self, shape: Tuple[int, ...]) -> str:
+        c, bins = self.in_channels, self.freq_bins
+        if bins is None:
+            expected = f"audio: expected (B, {c}, F, T) log-spectrogram (frequency bins on dim 2)"
+        else:
+            expected = (f"audio: expected (B, {c}, F={bins}, T) log-spectrogram (frequency bins on dim 2) for "
+                        f"preset {self.audio_preset}")
+        got = f"{expected}, got shape {shape}"
+        if len(shape) == 3 and (bins is None or shape[1] == bins):
+            return f"{got}: the channel dim is missing; pass spec.unsqueeze(1)"
+        if len(shape) != 4 or shape[1] != c:
+            return got
+        if shape[3] == bins:
+            return f"{got}: it looks transposed; pass spec.transpose(2, 3)"
+        return (f"{got}: {shape[2]} frequency bins, not {bins}; compute the spectrograms with preset "
+                f"{self.audio_preset} (or build the model for the preset they come from)")
 
     def features(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """Per-block activations for linear probes.

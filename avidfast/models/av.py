@@ -30,7 +30,8 @@ class AVModel(nn.Module):
     video (B, 3, T, H, W) -> `video` encoder (B, video.out_dim) -> `video_head` -> normalise;
     audio (B, 1, F, T) -> `audio` encoder (B, audio.out_dim) -> `audio_head` -> normalise.
     The heads return raw projections; normalisation happens here (the losses normalise again,
-    which is harmless).
+    which is harmless). The encoders check their input's shape (a ValueError naming the expected
+    layout): dims and channels always, audio frequency bins when built with an audio_preset.
 
     Args:
         video, audio: the encoders (anything with `out_dim` and forward(x) -> (B, out_dim)).
@@ -56,16 +57,22 @@ class AVModel(nn.Module):
     def from_preset(cls, preset: str = "table5", width: int = 64, embed_dim: int = 128,
                     hidden: Optional[int] = None, head_layers: int = 3, head_input_norm: bool = False,
                     video_kwargs: Optional[Dict[str, Any]] = None,
-                    audio_kwargs: Optional[Dict[str, Any]] = None) -> "AVModel":
+                    audio_kwargs: Optional[Dict[str, Any]] = None,
+                    audio_preset: Optional[str] = None) -> "AVModel":
         """The networks of Table 5 ("table5") or Table 6 ("table6") at a given channel width.
 
         video_kwargs / audio_kwargs go to `VideoEncoder` / `AudioEncoder` (e.g. mid_channels,
-        residual).
+        residual). audio_preset: the spectrogram preset the audio comes from (table5, table6 or
+        reference; training passes data.audio.preset): forward then refuses a spectrogram whose
+        dim 2 does not hold that preset's frequency bins, e.g. a transposed (B, 1, T, F) one.
+        None (the default) checks dims and channels only (see `AudioEncoder`).
         """
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {list(PRESETS)}, got {preset!r}")
+        audio_kwargs = dict(audio_kwargs or {})
+        audio_kwargs.setdefault("audio_preset", audio_preset)
         video = VideoEncoder(preset, width, **(video_kwargs or {}))
-        audio = AudioEncoder(preset, width, **(audio_kwargs or {}))
+        audio = AudioEncoder(preset, width, **audio_kwargs)
         return cls(video, audio, embed_dim, hidden, head_layers, head_input_norm)
 
     def to_channels_last(self) -> "AVModel":

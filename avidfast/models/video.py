@@ -102,7 +102,7 @@ class R2Plus1DBlock(nn.Module):
         -> tmp_bn1 -> ReLU -> spt_conv2 1x3x3 -> spt_bn2 -> ReLU -> tmp_conv2 3x1x1 -> main
         shortcut: x, or res_conv (1x1x1 conv, stride (s_t,s_s,s_s), no BN) when the shape changes
 
-    out_bn="after_sum" (default; the reference and METHOD.md): out = ReLU(out_bn(main + shortcut)).
+    out_bn="after_sum" (default; the reference and docs/method.md): out = ReLU(out_bn(main + shortcut)).
     out_bn="before_sum" (standard ResNet): out = ReLU(out_bn(main) + shortcut), and the projection
     shortcut gets its own BN, `res_bn`, then.
 
@@ -213,8 +213,20 @@ class VideoEncoder(nn.Module):
                     nn.init.zeros_(m.last_bn().weight)
 
     def _check(self, x: torch.Tensor) -> None:
+        """Shape checks only (dims and channels; no frame count: any T works)."""
         if x.dim() != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(f"video must be (B, {self.in_channels}, T, H, W), got {tuple(x.shape)}")
+            raise ValueError(self._layout_error(tuple(x.shape)))
+
+    def _layout_error(self, shape: Tuple[int, ...]) -> str:
+        c = self.in_channels
+        got = f"video: expected (B, {c}, T, H, W) clips (channels on dim 1), got shape {shape}"
+        if len(shape) == 5 and shape[2] == c:
+            return f"{got}: channels are on dim 2, it looks like (B, T, {c}, H, W); pass video.transpose(1, 2)"
+        if len(shape) == 5 and shape[4] == c:
+            return f"{got}: channels are on dim 4, it looks like (B, T, H, W, {c}); pass video.permute(0, 4, 1, 2, 3)"
+        if len(shape) == 4 and shape[0] == c:
+            return f"{got}: the batch dim is missing; pass video.unsqueeze(0)"
+        return got
 
     def features(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """Per-block activations for linear probes.

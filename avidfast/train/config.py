@@ -88,7 +88,7 @@ class ModelSection:
 
 @dataclass
 class LossSection:
-    """AVID or CMA criterion (METHOD.md)."""
+    """AVID or CMA criterion (docs/method.md)."""
 
     kind: str = "avid"  # avid or cma
     mode: str = "cross"  # AVID: cross, self or joint
@@ -174,6 +174,11 @@ class Config:
         if self.model.head_input_norm and self.optim.batch_size < 2:
             raise ConfigError("model.head_input_norm needs batch statistics: set optim.batch_size (per process) "
                               f"to 2 or more (got {self.optim.batch_size}), or model.head_input_norm=false")
+        if self.loss.kind == "cma" and not 1 <= self.loss.num_negatives_within <= self.loss.num_negatives:
+            raise ConfigError(f"loss.num_negatives_within={self.loss.num_negatives_within} must lie in [1, "
+                              f"loss.num_negatives = {self.loss.num_negatives}] (the within-modal terms use a prefix "
+                              f"of the negatives); --set loss.num_negatives_within="
+                              f"{max(1, min(self.loss.num_negatives_within, self.loss.num_negatives))}")
         if self.loss.init_from and self.loss.init_from_reference:
             raise ConfigError("loss.init_from and loss.init_from_reference are both set; keep one")
         if self.loss.kind == "cma" and not (self.loss.init_from or self.loss.init_from_reference):
@@ -181,6 +186,32 @@ class Config:
                               "--set loss.init_from=runs/avid/checkpoints/epoch_0200.pt (or, for a checkpoint "
                               "of the paper's code, loss.init_from_reference / --init-from-reference)")
         return self
+
+    def check_num_items(self, num_items: int) -> None:
+        """ConfigError when the loss cannot draw its samples from a manifest of ``num_items`` rows.
+
+        The negative sampler (:func:`avidfast.ops.sample_negatives`) needs K < N - P - 1: each clip's
+        K negatives come from the N rows minus itself and its P excluded ones (CMA: its
+        loss.num_positives positives; AVID: none), so K <= N - P - 2.
+        """
+        cma = self.loss.kind == "cma"
+        positives = self.loss.num_positives if cma else 0
+        most = num_items - positives - 2
+        if self.loss.num_negatives <= most:
+            return
+        where = f"the manifest {self.data.manifest}" if self.data.manifest else "the manifest"
+        pool = f"the rows other than itself and its loss.num_positives={positives} positives" if cma else "the other rows"
+        if most >= 1:
+            rule = f"at most rows - loss.num_positives - 2 = {most}" if cma else f"at most rows - 2 = {most}"
+            fix = (f"--set loss.num_negatives={most} or less" + (" (or fewer loss.num_positives)" if cma else "")
+                   + ", or use a larger manifest")
+        else:
+            rule = "none are left"
+            fix = f"use a manifest of at least {positives + 3} rows"
+            if cma and num_items >= 4:
+                fix += f", or --set loss.num_positives={num_items - 3} or less"
+        raise ConfigError(f"loss.num_negatives={self.loss.num_negatives} does not fit {where}: it has {num_items} "
+                          f"rows, and a clip's negatives are drawn from {pool} ({rule}); {fix}")
 
     @property
     def run_dir(self) -> str:

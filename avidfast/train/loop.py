@@ -76,18 +76,21 @@ def _precision(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
 
 
 def build_model(cfg: Config):
-    """The AV model of cfg.model (identical on every rank for the same seed)."""
+    """The AV model of cfg.model (identical on every rank for the same seed); its audio encoder
+    checks that spectrograms hold cfg.data.audio.preset's frequency bins on dim 2."""
     from avidfast.models import AVModel
 
     torch.manual_seed(cfg.seed)
     return AVModel.from_preset(cfg.model.preset, width=cfg.model.width, embed_dim=cfg.model.embed_dim,
-                               head_layers=cfg.model.head_layers, head_input_norm=cfg.model.head_input_norm)
+                               head_layers=cfg.model.head_layers, head_input_norm=cfg.model.head_input_norm,
+                               audio_preset=cfg.data.audio.preset)
 
 
 def build_criterion(cfg: Config, num_items: int, init: Optional[Dict] = None):
     """AVIDLoss, or CMALoss started from ``init`` (an AVID checkpoint dict)."""
     from avidfast.losses import AVIDLoss, CMALoss
 
+    cfg.check_num_items(num_items)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.loss.bank_dtype]
     if cfg.loss.kind == "avid":
         return AVIDLoss(num_items, dim=cfg.model.embed_dim, num_negatives=cfg.loss.num_negatives,
@@ -196,7 +199,6 @@ def train(cfg: Config, *, resume: bool = False, max_steps: Optional[int] = None,
     rank, world, local_rank = init_from_env()
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     run_dir = cfg.run_dir
-    log = setup_logging(run_dir, rank)
     last_path = os.path.join(run_dir, ckpt.CHECKPOINT_DIR, ckpt.LAST)
     state = None
     if resume:
@@ -207,6 +209,8 @@ def train(cfg: Config, *, resume: bool = False, max_steps: Optional[int] = None,
         raise TrainingError(f"{run_dir} already holds a run ({last_path}); pass --resume to continue it, "
                             "or choose another --set out_dir=... / name=...")
     manifest = read_manifest(cfg.data.manifest, cfg.data.root)
+    cfg.check_num_items(len(manifest))  # a ConfigError before anything is written to run_dir
+    log = setup_logging(run_dir, rank)
     if rank == 0:
         write_run_files(run_dir, cfg.to_dict(), {"seed": cfg.seed, "world_size": world, "resumed": resume,
                                                  "num_items": len(manifest)})
