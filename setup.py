@@ -2,8 +2,8 @@
 
 Environment:
   AVIDFAST_CUDA=1   build the CUDA kernels (error if impossible); defaults CUDA_HOME to
-                    /usr/local/cuda when it exists, and TORCH_CUDA_ARCH_LIST to "8.0;9.0" when
-                    no GPU is visible.
+                    /usr/local/cuda when it exists, and TORCH_CUDA_ARCH_LIST to "8.0;9.0+PTX"
+                    when no GPU is visible.
   AVIDFAST_CUDA=0   CPU kernels only.
   unset             CUDA kernels when torch is a CUDA build and a CUDA toolkit is found.
 """
@@ -22,6 +22,8 @@ except ImportError:
         "so that the extension is compiled against that torch."
     )
 
+# Ampere and Hopper machine code, plus Hopper PTX that newer GPUs (Blackwell) compile at load time.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 FORCE = os.environ.get("AVIDFAST_CUDA", "").strip()
 if FORCE not in ("", "0", "1"):
     sys.exit(f"avidfast: AVIDFAST_CUDA must be 0, 1 or unset, not {FORCE!r}")
@@ -34,7 +36,7 @@ if FORCE == "1":
     if not os.environ.get("CUDA_HOME") and os.path.isdir("/usr/local/cuda"):
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
 
 # cpp_extension reads CUDA_HOME when imported, so the environment above must be set first.
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
@@ -62,9 +64,24 @@ sources = _relative("csrc/*.cpp") + _relative("csrc/ops/*.cpp") + _relative("csr
 cxx_flags = ["-O3", "-fopenmp", "-g0"]
 nvcc_flags = ["-O3"]
 define_macros = []
+
+
+def _cuda_archs() -> str:
+    """The archs nvcc will build for: TORCH_CUDA_ARCH_LIST, else the visible GPUs' (as torch does)."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if not archs:
+        capabilities = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        archs = ";".join(f"{major}.{minor}" for major, minor in capabilities)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    return archs
+
+
 if with_cuda:
     sources += _relative("csrc/ops/cuda/*.cu")
-    define_macros.append(("AVIDFAST_WITH_CUDA", None))
+    # Recorded in the library for `avidfast info`; written with commas (shell-safe in build.ninja)
+    # and turned into a string literal by the preprocessor (csrc/module.cpp).
+    archs = ",".join(a for a in _cuda_archs().replace(" ", ";").split(";") if a)
+    define_macros += [("AVIDFAST_WITH_CUDA", None), ("AVIDFAST_CUDA_ARCH_TOKENS", archs)]
     extension_type = CUDAExtension
     extra_compile_args = {"cxx": cxx_flags, "nvcc": nvcc_flags}
 else:

@@ -1,15 +1,7 @@
 // Every avidfast operator schema, in one place. Kernels live in ops/cpu and ops/cuda; the Python
-// faces (argument conversion, fake kernels, autograd) live in avidfast/ops.
-#include <Python.h>
+// faces (argument conversion, fake kernels, autograd) live in avidfast/ops; the Python module
+// that carries this library (and its build description) is defined in module.cpp.
 #include <torch/library.h>
-
-extern "C" {
-// Lets `import avidfast._C` load this library (and so run the registrations below).
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(avidfast, m) {
   // (B,) int64 own indices, optional (B, P) sorted exclusions -> (B, K) int64 negatives drawn

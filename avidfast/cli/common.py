@@ -4,8 +4,11 @@ from typing import Optional
 
 import torch
 
+from avidfast.errors import AvidfastError
 
-class UserError(Exception):
+
+
+class UserError(AvidfastError):
     """A mistake in the command line or its inputs: reported as one line, without a traceback."""
 
 

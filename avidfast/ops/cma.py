@@ -1,9 +1,9 @@
-"""cma_topk: cross-modal agreement mining, the positive sets of CMA (METHOD.md)."""
+"""cma_topk: cross-modal agreement mining, the positive sets of CMA (docs/method.md, CMA)."""
 from typing import Optional, Tuple
 
 import torch
 
-from avidfast.ops._extension import OPS
+from avidfast.ops._extension import OPS, register_fake
 
 AGREEMENTS = ("consensus", "union", "video", "audio")
 
@@ -45,7 +45,7 @@ def sorted_positives(indices: torch.Tensor) -> torch.Tensor:
     return torch.sort(indices, dim=1).values
 
 
-@torch.library.register_fake("avidfast::cma_topk")
+@register_fake("avidfast::cma_topk")
 def _(video_memory, audio_memory, k, mode, queries, precision):
     rows = video_memory.shape[0] if queries is None else queries.shape[0]
     return (

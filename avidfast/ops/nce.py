@@ -1,10 +1,10 @@
-"""nce_memory_loss: the fused memory-bank NCE loss of AVID/CMA (METHOD.md)."""
+"""nce_memory_loss: the fused memory-bank NCE loss of AVID/CMA (docs/method.md, AVID loss)."""
 from typing import Union
 
 import torch
 
 from avidfast.ops._convert import scalar_tensor
-from avidfast.ops._extension import OPS
+from avidfast.ops._extension import OPS, register_autograd, register_fake
 from avidfast.ops.scores import _accumulate_dtype
 
 
@@ -47,7 +47,7 @@ def nce_memory_loss(
     return row_loss.mean() if reduction == "mean" else row_loss
 
 
-@torch.library.register_fake("avidfast::nce_memory_loss")
+@register_fake("avidfast::nce_memory_loss")
 def _(x, memory, pos_idx, neg_idx, temperature, partition):
     dtype = _accumulate_dtype(x.dtype)
     return x.new_empty((x.shape[0],), dtype=dtype), x.new_empty(x.shape, dtype=dtype)
@@ -67,6 +67,6 @@ def _backward(ctx, grad_loss, _grad_of_grad_rows):
     return grad_x.to(ctx.x_dtype), None, None, None, None, None
 
 
-torch.library.register_autograd(
+register_autograd(
     "avidfast::nce_memory_loss", _backward, setup_context=_setup_context
 )

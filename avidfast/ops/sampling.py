@@ -4,7 +4,7 @@ from typing import Optional, Union
 import torch
 
 from avidfast.ops._convert import scalar_tensor
-from avidfast.ops._extension import OPS
+from avidfast.ops._extension import OPS, register_fake
 
 
 def sample_negatives(
@@ -40,6 +40,6 @@ def sample_negatives(
     )
 
 
-@torch.library.register_fake("avidfast::sample_negatives")
+@register_fake("avidfast::sample_negatives")
 def _(pos, num_items, num_negatives, seed, step, row_offset, exclude):
     return pos.new_empty((pos.shape[0], num_negatives))

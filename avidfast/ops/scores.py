@@ -1,7 +1,7 @@
 """memory_scores: scaled dot products of embeddings with indexed memory rows, without a gather."""
 import torch
 
-from avidfast.ops._extension import OPS
+from avidfast.ops._extension import OPS, register_autograd, register_fake
 
 
 def memory_scores(
@@ -25,12 +25,12 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.register_fake("avidfast::memory_scores")
+@register_fake("avidfast::memory_scores")
 def _(x, memory, idx, temperature):
     return x.new_empty(idx.shape, dtype=_accumulate_dtype(x.dtype))
 
 
-@torch.library.register_fake("avidfast::memory_scores_backward")
+@register_fake("avidfast::memory_scores_backward")
 def _(grad_scores, memory, idx, temperature):
     return grad_scores.new_empty(
         (idx.shape[0], memory.shape[1]), dtype=_accumulate_dtype(grad_scores.dtype)
@@ -50,6 +50,6 @@ def _backward(ctx, grad_scores):
     return grad_x.to(ctx.x_dtype), None, None, None
 
 
-torch.library.register_autograd(
+register_autograd(
     "avidfast::memory_scores", _backward, setup_context=_setup_context
 )

@@ -1,7 +1,7 @@
 """memory_update_: in-place momentum update and renormalisation of memory rows."""
 import torch
 
-from avidfast.ops._extension import OPS
+from avidfast.ops._extension import OPS, register_fake
 
 
 def memory_update_(
@@ -22,6 +22,6 @@ def memory_update_(
     OPS.memory_update_(memory, idx, x.detach(), float(momentum))
 
 
-@torch.library.register_fake("avidfast::memory_update_")
+@register_fake("avidfast::memory_update_")
 def _(memory, idx, x, momentum):
     return None

@@ -146,5 +146,10 @@ inline SimilarityFn best_similarity_kernel() {
   return similarities_generic;
 }
 
+// Names the kernel best_similarity_kernel() picks, for `avidfast info`.
+inline const char* similarity_kernel_name() {
+  return best_similarity_kernel() == similarities_generic ? "portable" : "AVX2+FMA tiles";
+}
+
 }  // namespace cpu
 }  // namespace avidfast

@@ -8,6 +8,7 @@
 // time, so that a portable build still uses the wide vector units (GCC on x86-64 only).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define AVF_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define AVF_HAVE_CPU_CLONES 1
 #else
 #define AVF_CPU_CLONES
 #endif
@@ -55,6 +56,18 @@ inline void convert_row(const src_t* src, acc_t* dst, int64_t dim) {
 template <typename acc_t, typename mem_t>
 inline void axpy_row(acc_t a, const mem_t* row, acc_t* y, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) y[d] += a * static_cast<acc_t>(row[d]);
+}
+
+// The clone of the AVF_CPU_CLONES functions that the loader picks on this processor, by the same
+// tests as GCC's resolver: "x86-64-v4 (AVX-512)", "x86-64-v3 (AVX2+FMA)" or "baseline".
+inline const char* row_loop_variant() {
+#if defined(AVF_HAVE_CPU_CLONES)
+  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4 (AVX-512)";
+  if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (AVX2+FMA)";
+  return "baseline x86-64";
+#else
+  return "baseline (one portable build)";
+#endif
 }
 
 }  // namespace cpu

@@ -1,0 +1,15 @@
+"""The one base class of avidfast's errors.
+
+Every mistake a user can make (a bad config value, an unreadable manifest, a missing compiled
+extension) raises a subclass of `AvidfastError` with a message that names the input and says what
+to do next. The command line prints these in one line; anything else that escapes is a bug and
+keeps its traceback.
+"""
+
+
+class AvidfastError(Exception):
+    """Base of every error that avidfast raises for a user's input or environment."""
+
+
+class ExtensionUnavailableError(AvidfastError, RuntimeError):
+    """The compiled operator library avidfast._C is missing or does not match the running torch."""
