@@ -11,17 +11,22 @@ CACHE_DIR ?= $(HOME)/.cache/avidfast
 CUDA_VENV ?= $(CACHE_DIR)/cuda-venv
 CUDA_BUILD ?= $(CACHE_DIR)/cuda-build
 CUDA_HOME ?= /usr/local/cuda
-CUDA_ARCHS ?= 8.0;9.0
+CUDA_ARCHS ?= 8.0;9.0+PTX
 CMAKE_BUILD ?= .cmake-build
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
+PACKAGE_FILES := MANIFEST.in $(shell git ls-files --cached --others --exclude-standard avidfast docs 2>/dev/null)
+DIST ?= dist
 
-.PHONY: help venv install media test demo demo-eval bench cuda-check cmake-check clean
+.PHONY: help venv install media test wheel wheel-check gpu-check demo demo-eval bench cuda-check cmake-check clean
 
 help:
 	@echo "make test         build into $(VENV) (TORCH_SPEC=$(TORCH_SPEC)) and run the whole test suite"
 	@echo "make demo         the main job: synthetic data, Cross-AVID training on this CPU, probes (runs/demo)"
 	@echo "make demo-eval    every evaluation protocol on the demo checkpoint and on a random network (after make demo)"
+	@echo "make wheel        build the sdist and the wheel into $(DIST)/ (python -m build --no-isolation)"
+	@echo "make wheel-check  install the wheel into a fresh venv and use it from outside the checkout"
+	@echo "make gpu-check    on a machine with an NVIDIA GPU: build with CUDA, CUDA tests, GPU benchmarks, report"
 	@echo "make bench        the pytest-benchmark suites in benchmarks/"
 	@echo "make media        fetch the real test clips into $(CACHE_DIR)/media (the tests skip without them)"
 	@echo "make cuda-check   compile every .cu against $(CUDA_TORCH_SPEC) (venv: $(CUDA_VENV))"
@@ -46,8 +51,25 @@ install: $(BIN)/.avidfast-installed
 media: install
 	-$(BIN)/python scripts/fetch_media.py
 
-test: install media
-	$(BIN)/python -m pytest tests
+test: install media $(DIST)/.built
+	AVIDFAST_DIST=$(DIST) $(BIN)/python -m pytest tests
+
+# The sdist and the wheel, built from the checkout against the venv's torch (no isolation: an
+# isolated build would download another torch).
+$(DIST)/.built: $(BIN)/.torch-ready $(SOURCES) $(PACKAGE_FILES)
+	rm -rf $(DIST)
+	$(BIN)/pip install -q build
+	MAX_JOBS=$(MAX_JOBS) AVIDFAST_CUDA=0 $(BIN)/python -m build --no-isolation --sdist --wheel -o $(DIST) . > $(DIST).log 2>&1 \
+	  || { tail -30 $(DIST).log; exit 1; }
+	touch $@
+
+wheel: $(DIST)/.built
+
+wheel-check: $(DIST)/.built
+	bash scripts/wheel_check.sh $(DIST)/avidfast-*.whl $(PYTHON) "$(TORCH_SPEC)"
+
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py --report gpu-report.md
 
 demo: install
 	$(BIN)/avidfast demo --out runs/demo
@@ -80,4 +102,4 @@ cmake-check: venv
 	$(BIN)/python scripts/check_cmake_library.py $(CMAKE_BUILD)
 
 clean:
-	rm -rf build $(CMAKE_BUILD) avidfast/_C*.so *.egg-info
+	rm -rf build $(CMAKE_BUILD) $(DIST) $(DIST).log avidfast/_C*.so *.egg-info
