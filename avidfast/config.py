@@ -10,10 +10,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_args, 
 
 import yaml
 
-PACKAGE_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+from avidfast.errors import AvidfastError
+
+PACKAGE_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
-class ConfigError(ValueError):
+class ConfigError(AvidfastError, ValueError):
     """A configuration mistake: the message names the key and what to do."""
 
 

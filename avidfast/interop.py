@@ -52,6 +52,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from avidfast.errors import AvidfastError
 from avidfast.models.av import AVModel
 from avidfast.train.checkpoint import strip_module_prefix
 
@@ -62,7 +63,7 @@ _SKIPPED_CRITERION_KEYS = ("nce_average.positive_set",)
 _STAGE_BLOCKS = 2  # residual blocks per video stage in R(2+1)D-18
 
 
-class ReferenceCheckpointError(ValueError):
+class ReferenceCheckpointError(AvidfastError, ValueError):
     """A reference checkpoint that cannot be mapped; the message names the keys and what to do."""
 
 

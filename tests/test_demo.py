@@ -30,7 +30,7 @@ def test_demo_runs_end_to_end_and_reuses_its_work(tmp_path, capsys):
 
     import pytest
 
-    from avidfast.train.config import ConfigError
+    from avidfast.config import ConfigError
 
     with pytest.raises(ConfigError, match="other settings"):
         run_demo(dataclasses.replace(settings, overrides=["optim.lr=2e-3"]))

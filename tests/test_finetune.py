@@ -14,7 +14,7 @@ from avidfast.eval.config import load_eval_config
 from avidfast.eval.finetune import FinetuneClassifier, run_finetune
 from avidfast.eval.pretrained import load_pretrained
 from avidfast.eval.run import start_run
-from avidfast.train.config import load_config
+from avidfast.config import load_config
 from avidfast.train.loop import train
 
 NUM_VIDEOS, NUM_CLASSES, CLIPS = 12, 3, 2

@@ -310,7 +310,7 @@ def test_cma_training_starts_from_a_reference_checkpoint(tiny_set, tmp_path):
 
 
 def test_avid_training_takes_weights_banks_and_partition_from_a_reference_checkpoint(tiny_set, tmp_path):
-    from avidfast.train.config import load_config
+    from avidfast.config import load_config
     from avidfast.train.loop import TrainingError, train
 
     _, state = reference_checkpoint(width=4, num_items=8, partitions=(0.0321,))
@@ -327,7 +327,7 @@ def test_avid_training_takes_weights_banks_and_partition_from_a_reference_checkp
 
 
 def test_reference_initialisation_refuses_a_different_model_or_manifest(tiny_set, tmp_path):
-    from avidfast.train.config import load_config
+    from avidfast.config import load_config
     from avidfast.train.loop import TrainingError, train
 
     _, state = reference_checkpoint(width=8, num_items=8)

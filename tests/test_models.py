@@ -7,7 +7,7 @@ from avidfast.models import (AVModel, AudioEncoder, ProjectionHead, VideoEncoder
                              preset_input_shapes)
 from avidfast.models.audio import AudioBlock
 from avidfast.models.video import R2Plus1DBlock
-from avidfast.train.config import load_config
+from avidfast.config import load_config
 from avidfast.train.loop import build_model
 
 # The tables as printed in the supplement (avid-cma-supplement.txt, Tables 5 and 6); the fc rows

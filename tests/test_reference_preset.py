@@ -110,7 +110,7 @@ def test_cpu_pipeline_and_stats_compute_the_reference_preset_and_dali_refuses_it
 
 def test_reference_preset_is_a_config_and_cli_choice():
     from avidfast.cli import build_parser
-    from avidfast.train.config import ConfigError, load_config
+    from avidfast.config import ConfigError, load_config
 
     assert load_config("demo", ["data.audio.preset=reference"]).data.audio.preset == "reference"
     with pytest.raises(ConfigError, match="data.audio.preset=reference.*data.pipeline=cpu"):

@@ -237,7 +237,7 @@ def test_embed_clips_matches_the_model_and_restores_its_mode():
 def trained(tmp_path_factory):
     """A checkpoint trained for one epoch on 9 of 12 synthetic videos; the other 3 (one per class) held out."""
     from avidfast.data.synthetic import make_dataset
-    from avidfast.train.config import load_config
+    from avidfast.config import load_config
     from avidfast.train.loop import train
 
     root = tmp_path_factory.mktemp("retrieval")

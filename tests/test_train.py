@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from avidfast.data.synthetic import make_dataset
 from avidfast.train import checkpoint as ckpt
-from avidfast.train.config import ConfigError, config_from_dict, load_config, shipped_configs
+from avidfast.config import ConfigError, config_from_dict, load_config, shipped_configs
 from avidfast.train.loop import TrainingError, build_criterion, build_model, train
 
 TINY = [

@@ -6,7 +6,7 @@ from avidfast.cli.common import (UserError, frame_size, non_negative_float, non_
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from avidfast.data.prepare import PrepareError, prepare
+    from avidfast.data.prepare import prepare
 
     try:
         summary = prepare(
@@ -14,23 +14,19 @@ def _prepare(args: argparse.Namespace) -> None:
             transcode=args.transcode, fps=args.fps, gop=args.gop, min_seconds=args.min_seconds,
             check=args.check, progress=not args.quiet,
         )
-    except PrepareError as error:
-        raise UserError(str(error)) from None
     except OSError as error:
         raise UserError(f"{error.filename or args.out}: {error.strerror or error}") from None
     print(summary.format())
 
 
 def _synthetic(args: argparse.Namespace) -> None:
-    from avidfast.data.synthetic import DatasetError, make_dataset
+    from avidfast.data.synthetic import make_dataset
 
     try:
         path = make_dataset(
             args.out, args.videos, args.classes, args.seconds, args.seed, size=args.size, fps=args.fps,
             sample_rate=args.sample_rate, workers=args.workers or None, progress=not args.quiet,
         )
-    except DatasetError as error:
-        raise UserError(str(error)) from None
     except OSError as error:
         raise UserError(f"{error.filename or args.out}: {error.strerror or error}") from None
     print(f"{args.videos} clips of {args.classes} classes; manifest: {path}")

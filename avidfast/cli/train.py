@@ -8,9 +8,8 @@ from avidfast.data.synthetic import COLOUR_CUE
 
 
 def _train(args: argparse.Namespace) -> None:
-    from avidfast.data.manifest import ManifestError
-    from avidfast.train.config import ConfigError, load_config
-    from avidfast.train.loop import TrainingError, train
+    from avidfast.config import load_config
+    from avidfast.train.loop import train
 
     overrides = list(args.set or [])
     if args.init_from_reference:  # replaces a CMA config's loss.init_from; JSON quoting keeps the path a string
@@ -18,8 +17,6 @@ def _train(args: argparse.Namespace) -> None:
     try:
         cfg = load_config(args.config, overrides)
         result = train(cfg, resume=args.resume, trust_reference=args.trust_reference)
-    except (ConfigError, TrainingError, ManifestError) as error:
-        raise UserError(str(error)) from None
     except FileNotFoundError as error:
         raise UserError(str(error)) from None
     if result.interrupted:
@@ -27,22 +24,17 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from avidfast.train.config import ConfigError
     from avidfast.train.demo import DemoSettings, run_demo
-    from avidfast.train.loop import TrainingError
 
     settings = DemoSettings(out_dir=args.out, videos=args.videos, classes=args.classes, seconds=args.seconds,
                             colour_cue=args.colour_cue, held_out_videos=args.held_out_videos,
                             seed=args.seed, epochs=args.epochs, progress=not args.quiet,
                             overrides=args.set or [])
-    try:
-        run_demo(settings)
-    except (ConfigError, TrainingError) as error:
-        raise UserError(str(error)) from None
+    run_demo(settings)
 
 
 def _shipped_configs() -> List[str]:
-    from avidfast.train.config import shipped_configs
+    from avidfast.config import shipped_configs
 
     return shipped_configs()
 

@@ -20,17 +20,18 @@ from avidfast.data.audio import AudioJitter, SpectrogramPreset, SpectrogramStats
 from avidfast.data.manifest import Manifest
 from avidfast.data.sampling import ShardedEpochSampler, replacement_index, sample_generator
 from avidfast.data.video import VideoConfig
+from avidfast.errors import AvidfastError
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 20  # replacements tried for one position before giving up
 
 
-class TooManyBadSamples(RuntimeError):
+class TooManyBadSamples(AvidfastError, RuntimeError):
     """More samples failed in an epoch than ``max_bad_fraction`` allows."""
 
 
-class SampleFailed(RuntimeError):
+class SampleFailed(AvidfastError, RuntimeError):
     """Every replacement of one position failed too."""
 
 

@@ -86,6 +86,7 @@ from avidfast.data.audio import (
 from avidfast.data.manifest import Manifest, read_manifest
 from avidfast.data.sampling import ShardedEpochSampler, replacement_index, sample_generator
 from avidfast.data.video import EVAL_CROP_FRACTION, ClipAugment, VideoConfig, draw_augment
+from avidfast.errors import AvidfastError
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ MAX_ATTEMPTS = 10  # replacements tried at one position before giving up
 _PREPARE_HINT = "run `avidfast prepare --transcode vp9 --extract-audio wav` on the manifest"
 
 
-class DaliInputError(ValueError):
+class DaliInputError(AvidfastError, ValueError):
     """Input the DALI pipeline cannot read as configured (names the file and what to do)."""
 
 

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
+from avidfast.errors import AvidfastError
 from avidfast.files import atomic_write_text
 
 LABELS_SEPARATOR = ";"
@@ -23,7 +24,7 @@ _FLOAT_COLUMNS = {"duration", "fps", "audio_duration"}
 _INT_COLUMNS = {"width", "height", "sample_rate", "channels"}
 
 
-class ManifestError(ValueError):
+class ManifestError(AvidfastError, ValueError):
     """A manifest that cannot be read: the message names the file and the row."""
 
 

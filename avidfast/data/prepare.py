@@ -42,6 +42,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from avidfast.data.manifest import METADATA_COLUMNS, ManifestError, read_manifest, write_manifest
 from avidfast.data.probe import CHECKS, ProbeResult, probe, reject_reason
+from avidfast.errors import AvidfastError
 from avidfast.files import atomic_write_text
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
@@ -53,7 +54,7 @@ _AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 120
 _OUTPUT_VERSION = 1  # bump when the outputs' format changes, so that reruns redo them
 
 
-class PrepareError(ValueError):
+class PrepareError(AvidfastError, ValueError):
     """A mistake in the arguments or inputs of :func:`prepare` (one line, for the user)."""
 
 

@@ -35,6 +35,7 @@ import string
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from avidfast.data.manifest import LABELS_SEPARATOR
+from avidfast.errors import AvidfastError
 
 KINETICS_PATTERN = "{label_or_split}/{youtube_id}_{time_start:06d}_{time_end:06d}.mp4"
 AUDIOSET_PATTERN = "{youtube_id}_{start_ms}_{end_ms}.mp4"
@@ -49,7 +50,7 @@ _YOUTUBE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 Row = Dict[str, object]
 
 
-class SplitFormatError(ValueError):
+class SplitFormatError(AvidfastError, ValueError):
     """A split or annotation file that is missing or malformed: the message names file:line."""
 
 

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from avidfast.data.manifest import write_manifest
+from avidfast.errors import AvidfastError
 from avidfast.files import atomic_write_text
 
 MANIFEST_NAME = "manifest.csv"
@@ -39,7 +40,7 @@ _RHYTHMS = (0.0, 2.0, 3.0, 4.0)  # beeps per second at tempo 1 (0: a steady tone
 _TIMBRES = ((1.0,), (1.0, 0.5, 0.33), (1.0, 0.0, 0.45, 0.0, 0.25))  # harmonic amplitudes
 
 
-class DatasetError(ValueError):
+class DatasetError(AvidfastError, ValueError):
     """Bad arguments, or an output folder that already holds a different data set."""
 
 

@@ -1,6 +1,6 @@
 """Evaluation configuration: the transfer protocols of the supplement's Table 4 as typed YAML.
 
-Same rules as the training configuration (:mod:`avidfast.train.config`): nested dataclasses,
+Same rules as the training configuration (:mod:`avidfast.config`): nested dataclasses,
 every key and type checked, dotted ``--set key=value`` overrides. Shipped protocols live in
 ``avidfast/configs/eval/`` (``avidfast eval linear kinetics-linear ...``).
 """
@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from avidfast.train.config import (PACKAGE_CONFIGS, AudioSection, ConfigError, VideoSection, build_typed,
+from avidfast.config import (PACKAGE_CONFIGS, AudioSection, ConfigError, VideoSection, build_typed,
                                    check_values, read_tree, shipped_configs)
 
 EVAL_CONFIGS = os.path.join(PACKAGE_CONFIGS, "eval")

@@ -10,8 +10,10 @@ from typing import Dict, Optional
 
 import torch
 
+from avidfast.errors import AvidfastError
 
-class PretrainedError(ValueError):
+
+class PretrainedError(AvidfastError, ValueError):
     """A checkpoint that cannot be used for evaluation: the message names the file."""
 
 
@@ -67,7 +69,7 @@ def load_pretrained(path: str, *, random_init: bool = False, seed: int = 0, trus
         trust: for reference checkpoints that cannot be read with ``weights_only=True``, allow a
             full unpickle (only for files from a source you trust).
     """
-    from avidfast.train.config import ConfigError, config_from_dict
+    from avidfast.config import ConfigError, config_from_dict
 
     if not os.path.isfile(path):
         raise PretrainedError(f"--checkpoint {path}: no such file")

@@ -124,7 +124,7 @@ def run_demo(settings: DemoSettings) -> Dict[str, object]:
     from avidfast.eval.linear_probe import train_linear_probe
     from avidfast.eval.memory_probe import memory_probe
     from avidfast.train import checkpoint as ckpt
-    from avidfast.train.config import ConfigError, load_config
+    from avidfast.config import ConfigError, load_config
     from avidfast.train.loop import build_criterion, build_model, train
     from avidfast.train.run_folder import setup_logging
 

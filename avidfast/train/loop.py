@@ -18,12 +18,13 @@ import torch
 import torch.distributed as dist
 
 from avidfast.distributed import init_from_env
+from avidfast.errors import AvidfastError
 from avidfast.train import checkpoint as ckpt
-from avidfast.train.config import Config
+from avidfast.config import Config
 from avidfast.train.run_folder import setup_logging, write_run_files
 
 
-class TrainingError(RuntimeError):
+class TrainingError(AvidfastError, RuntimeError):
     """A problem that stops training, with what to do about it."""
 
 

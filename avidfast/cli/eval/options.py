@@ -35,7 +35,7 @@ def load_pretrained_or_exit(args: argparse.Namespace, seed: int = 0):
 def load_eval_config_or_exit(args: argparse.Namespace, extra_overrides=()):
     """The EvalConfig of CONFIG and --set (UserError on a config mistake)."""
     from avidfast.eval.config import load_eval_config
-    from avidfast.train.config import ConfigError
+    from avidfast.config import ConfigError
 
     try:
         return load_eval_config(args.config, list(args.set) + list(extra_overrides))

@@ -32,7 +32,7 @@ def _data_section(args: argparse.Namespace, pretrained):
     """The EvalDataSection of the run: clip shape and audio preset / stats from the checkpoint's
     training config, each overridable by an option (required for reference checkpoints)."""
     from avidfast.eval.config import EvalDataSection
-    from avidfast.train.config import AudioSection
+    from avidfast.config import AudioSection
 
     data = EvalDataSection(train_manifest=args.train_manifest, test_manifest=args.manifest, root=args.root,
                            workers=args.workers, clips_per_video=args.clips_per_video)
