@@ -10,7 +10,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_args, 
 
 import yaml
 
+from avidfast.data.audio import DALI_PRESETS
+from avidfast.data.audio import PRESETS as AUDIO_PRESETS
 from avidfast.errors import AvidfastError
+from avidfast.losses.avid import MODES as AVID_MODES
+from avidfast.losses.memory_bank import STORAGE_DTYPES
+from avidfast.models.audio import AUDIO_PRESETS as AUDIO_NETWORKS
+from avidfast.models.av import PRESETS as MODEL_PRESETS
+from avidfast.ops.cma import AGREEMENTS
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PIPELINES = ("cpu", "dali")
+LOSS_KINDS = ("avid", "cma")
 
 PACKAGE_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -57,7 +68,9 @@ class VideoSection:
 class AudioSection:
     """Audio spectrogram preset and its training jitter (supplement A)."""
 
-    preset: str = "table5"  # table5: 129 x 100, table6: 257 x 200, reference: the released checkpoints' 257 x 200
+    # table5: 129 x 100, table6: 257 x 200, reference: the released checkpoints' 257 x 200; its
+    # frequency bins must be those of model.preset's audio network (validate checks)
+    preset: str = "table5"
     stats: Optional[str] = None  # .npz of `avidfast stats` (None: no Z-normalisation)
     volume: Tuple[float, float] = (0.9, 1.1)
     max_offset: float = 0.5  # seconds between audio and video starts
@@ -151,14 +164,14 @@ class Config:
     def validate(self) -> "Config":
         """Checks values that types alone do not; returns self."""
         choices = {
-            "data.pipeline": (self.data.pipeline, ("cpu", "dali")),
-            "data.audio.preset": (self.data.audio.preset, ("table5", "table6", "reference")),
-            "model.preset": (self.model.preset, ("table5", "table6")),
-            "loss.kind": (self.loss.kind, ("avid", "cma")),
-            "loss.mode": (self.loss.mode, ("cross", "self", "joint")),
-            "loss.bank_dtype": (self.loss.bank_dtype, ("float32", "bfloat16", "float16")),
-            "loss.agreement": (self.loss.agreement, ("consensus", "union", "video", "audio")),
-            "train.precision": (self.train.precision, ("auto", "bf16", "fp16", "fp32")),
+            "data.pipeline": (self.data.pipeline, PIPELINES),
+            "data.audio.preset": (self.data.audio.preset, tuple(AUDIO_PRESETS)),
+            "model.preset": (self.model.preset, MODEL_PRESETS),
+            "loss.kind": (self.loss.kind, LOSS_KINDS),
+            "loss.mode": (self.loss.mode, tuple(AVID_MODES)),
+            "loss.bank_dtype": (self.loss.bank_dtype, tuple(STORAGE_DTYPES)),
+            "loss.agreement": (self.loss.agreement, AGREEMENTS),
+            "train.precision": (self.train.precision, PRECISIONS),
         }
         positive = {
             "optim.batch_size": self.optim.batch_size, "optim.epochs": self.optim.epochs,
@@ -170,9 +183,7 @@ class Config:
         check_values(choices, positive)
         if self.data.workers < 0:
             raise ConfigError(f"data.workers must be 0 or more, got {self.data.workers}")
-        if self.data.audio.preset == "reference" and self.data.pipeline == "dali":
-            raise ConfigError("data.audio.preset=reference is computed by the CPU pipeline only; "
-                              "set data.pipeline=cpu")
+        self._check_audio_preset()
         if self.model.head_input_norm and self.optim.batch_size < 2:
             raise ConfigError("model.head_input_norm needs batch statistics: set optim.batch_size (per process) "
                               f"to 2 or more (got {self.optim.batch_size}), or model.head_input_norm=false")
@@ -188,6 +199,20 @@ class Config:
                               "--set loss.init_from=runs/avid/checkpoints/epoch_0200.pt (or, for a checkpoint "
                               "of the paper's code, loss.init_from_reference / --init-from-reference)")
         return self
+
+    def _check_audio_preset(self) -> None:
+        """The spectrogram preset (data.audio.preset) must feed the network (model.preset) and the pipeline."""
+        spectrogram = AUDIO_PRESETS[self.data.audio.preset]
+        network_bins = AUDIO_NETWORKS[self.model.preset][1][0]
+        if spectrogram.bins != network_bins:
+            fitting = [name for name, preset in AUDIO_PRESETS.items() if preset.bins == network_bins]
+            raise ConfigError(
+                f"data.audio.preset={self.data.audio.preset} gives {spectrogram.bins} frequency bins, but "
+                f"model.preset={self.model.preset} is built for {network_bins}; --set data.audio.preset="
+                f"{' or '.join(fitting)} (or choose the model.preset of your spectrograms)")
+        if self.data.pipeline == "dali" and self.data.audio.preset not in DALI_PRESETS:
+            raise ConfigError(f"data.audio.preset={self.data.audio.preset} is computed by the CPU pipeline only; "
+                              "set data.pipeline=cpu")
 
     def check_num_items(self, num_items: int) -> None:
         """ConfigError when the loss cannot draw its samples from a manifest of ``num_items`` rows.

@@ -254,3 +254,29 @@ def test_two_processes_keep_identical_banks(tiny_set, tmp_path):
     assert int(ranks[0]["step"]) == 2
     start = build_criterion(_cfg(tiny_set, tmp_path / "x"), 8).state_dict()
     assert not torch.equal(start["video_memory.memory"], ranks[0]["video_memory.memory"])  # they were updated
+
+
+def test_audio_preset_must_feed_the_model_preset():
+    with pytest.raises(ConfigError, match=r"data.audio.preset=table6 gives 257 frequency bins, but model.preset=table5 "
+                                          r"is built for 129; --set data.audio.preset=table5"):
+        load_config("demo", ["data.audio.preset=table6"])
+    with pytest.raises(ConfigError, match=r"data.audio.preset=table5 gives 129 .* --set data.audio.preset=table6 or "
+                                          r"reference"):
+        load_config("avid_s6_kinetics", ["data.audio.preset=table5"])
+    assert load_config("avid_s6_kinetics", ["data.audio.preset=reference", "data.pipeline=cpu"]).data.audio.preset \
+        == "reference"
+    with pytest.raises(ConfigError, match="data.audio.preset=reference is computed by the CPU pipeline only"):
+        load_config("avid_s6_kinetics", ["data.audio.preset=reference", "data.pipeline=dali"])
+
+
+def test_config_choices_are_the_registries():
+    from avidfast.data.audio import PRESETS
+    from avidfast.losses.avid import MODES
+    from avidfast.losses.memory_bank import STORAGE_DTYPES
+    from avidfast.ops.cma import AGREEMENTS
+
+    for key, registry in (("data.audio.preset", PRESETS), ("loss.mode", MODES), ("loss.bank_dtype", STORAGE_DTYPES),
+                          ("loss.agreement", AGREEMENTS)):
+        with pytest.raises(ConfigError) as error:
+            load_config("demo", [f"{key}=nonsense"])
+        assert str(error.value).endswith("is not one of " + ", ".join(registry)), (key, str(error.value))

@@ -6,8 +6,10 @@ import sys
 import torch
 
 from avidfast.cli.common import UserError, check_device, positive_int, read_manifest
-
-BANK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from avidfast.data.audio import DALI_PRESETS
+from avidfast.losses.memory_bank import STORAGE_DTYPES
+from avidfast.models.av import PRESETS as MODEL_PRESETS
+from avidfast.ops.cma import AGREEMENTS
 
 
 def _run_bench(args: argparse.Namespace, builders, cfg, scale: float = 1.0) -> None:
@@ -39,7 +41,7 @@ def _bench_ops(args: argparse.Namespace) -> None:
         raise UserError(f"--negatives {args.negatives} must be smaller than --num-items - 1 = {args.num_items - 1}")
     cfg = OpsBenchConfig(
         num_items=args.num_items, batch=args.batch, negatives=args.negatives, dim=args.dim,
-        bank_dtype=BANK_DTYPES[args.bank_dtype], device=args.device, rounds=args.rounds,
+        bank_dtype=STORAGE_DTYPES[args.bank_dtype], device=args.device, rounds=args.rounds,
         warmup=args.warmup, seed=args.seed,
     )
     _run_bench(args, CASES, cfg)
@@ -127,7 +129,7 @@ def register(commands) -> None:
     ops.add_argument("--batch", type=positive_int, default=128, help="batch size B")
     ops.add_argument("--negatives", type=positive_int, default=1024, help="negatives K per row")
     ops.add_argument("--dim", type=positive_int, default=128, help="embedding size D")
-    ops.add_argument("--bank-dtype", choices=sorted(BANK_DTYPES), default="float32", help="bank storage dtype")
+    ops.add_argument("--bank-dtype", choices=list(STORAGE_DTYPES), default="float32", help="bank storage dtype")
     _add_common_bench_options(ops, 15, "timed rounds of the step case (x4 for the short cases)", 3)
     ops.set_defaults(handler=_bench_ops)
     cma = suites.add_parser(
@@ -142,7 +144,7 @@ def register(commands) -> None:
     cma.add_argument("--num-items", type=positive_int, default=50_000, help="instances N")
     cma.add_argument("--dim", type=positive_int, default=128, help="embedding size D")
     cma.add_argument("--k", type=positive_int, default=32, help="positives per query")
-    cma.add_argument("--mode", choices=["consensus", "union", "video", "audio"], default="consensus", help="agreement")
+    cma.add_argument("--mode", choices=AGREEMENTS, default="consensus", help="agreement")
     cma.add_argument("--queries", type=int, default=4096, help="queries mined per round (0: all N)")
     _add_common_bench_options(cma, 3, "timed rounds", 1)
     cma.set_defaults(handler=_bench_cma)
@@ -165,7 +167,7 @@ def register(commands) -> None:
     loader.add_argument("--rounds", type=positive_int, default=3, help="rounds (the median is reported)")
     loader.add_argument("--frames", type=positive_int, default=16, help="frames per clip (16 fps)")
     loader.add_argument("--crop", type=positive_int, default=112, help="crop size, pixels")
-    loader.add_argument("--audio-preset", choices=["table5", "table6"], default="table5", help="spectrogram preset")
+    loader.add_argument("--audio-preset", choices=DALI_PRESETS, default="table5", help="spectrogram preset")
     loader.add_argument("--seed", type=int, default=0, help="seed of the clip choice and augmentation")
     loader.add_argument("--json", help="also write the results to this JSON file (atomically)")
     loader.set_defaults(handler=_bench_loader)
@@ -177,7 +179,7 @@ def register(commands) -> None:
                     "gather/bmm/unfused NCE loss) on a copy of the same model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    step.add_argument("--preset", choices=["table5", "table6"], default="table5", help="networks and input sizes")
+    step.add_argument("--preset", choices=MODEL_PRESETS, default="table5", help="networks and input sizes")
     step.add_argument("--width", type=positive_int, default=64, help="channels of the first stage")
     step.add_argument("--batch", type=positive_int, default=8, help="clips per step")
     step.add_argument("--num-items", type=positive_int, default=100_000, help="memory slots N")

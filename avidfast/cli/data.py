@@ -2,7 +2,8 @@
 import argparse
 
 from avidfast.cli.common import (UserError, frame_size, non_negative_float, non_negative_int, positive_int,
-                                     read_manifest)
+                                 read_manifest)
+from avidfast.data.audio import PRESETS as AUDIO_PRESETS
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -108,7 +109,7 @@ def register(commands) -> None:
     )
     stats.add_argument("manifest", metavar="MANIFEST", help="training manifest CSV")
     stats.add_argument("--root", help="folder the manifest's relative paths start from (None: its folder)")
-    stats.add_argument("--audio-preset", choices=["table5", "table6", "reference"], default="table5",
+    stats.add_argument("--audio-preset", choices=list(AUDIO_PRESETS), default="table5",
                        help="spectrogram preset (reference: the paper's released checkpoints' spectrogram)")
     stats.add_argument("--out", help="output .npz (None: MANIFEST without .csv + .PRESET-stats.npz)")
     stats.add_argument("--workers", type=non_negative_int, default=2, help="worker processes (0: in this process)")

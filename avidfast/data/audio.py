@@ -69,6 +69,14 @@ PRESETS = {
 }
 
 
+def dali_can_compute(preset: SpectrogramPreset) -> bool:
+    """Whether the DALI pipeline builds this preset from its operators (no paired bins, no dB floor)."""
+    return not preset.paired_bins and preset.top_db is None
+
+
+DALI_PRESETS = tuple(name for name, preset in PRESETS.items() if dali_can_compute(preset))
+
+
 def get_preset(name: str) -> SpectrogramPreset:
     """The preset called ``name`` (``table5``, ``table6`` or ``reference``)."""
     if name not in PRESETS:

@@ -80,8 +80,8 @@ import numpy as np
 import torch
 
 from avidfast.data.audio import (
-    AMIN, NORM_EPS, AudioJitter, SpectrogramPreset, SpectrogramStats, eval_window, frames_for, get_preset,
-    hann_window, train_window, window_samples,
+    AMIN, NORM_EPS, AudioJitter, SpectrogramPreset, SpectrogramStats, dali_can_compute, eval_window, frames_for,
+    get_preset, hann_window, train_window, window_samples,
 )
 from avidfast.data.manifest import Manifest, read_manifest
 from avidfast.data.sampling import ShardedEpochSampler, replacement_index, sample_generator
@@ -684,7 +684,7 @@ def build_dali_loader(
     pipeline for it.
     """
     preset = get_preset(audio_preset) if isinstance(audio_preset, str) else audio_preset
-    if preset.paired_bins or preset.top_db is not None:
+    if not dali_can_compute(preset):
         raise ValueError(f"audio preset '{preset.name}': its paired-bin STFT and per-example dB floor are not "
                          "built from DALI operators; use the CPU pipeline (data.pipeline=cpu / ClipDataset)")
     require_dali()

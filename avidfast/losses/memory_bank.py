@@ -9,6 +9,8 @@ from avidfast.hugepages import empty_rows
 from avidfast.ops import memory_scores, memory_update_, nce_memory_loss
 
 BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# The storage dtypes a config (loss.bank_dtype) or a command line chooses by name.
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _INIT_CHUNK_ROWS = 65536
 
 

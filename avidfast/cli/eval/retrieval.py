@@ -6,6 +6,7 @@ from typing import List, Optional
 
 from avidfast.cli.common import UserError, check_device, non_negative_int, positive_int, read_manifest
 from avidfast.cli.eval.options import add_checkpoint_options, load_pretrained_or_exit
+from avidfast.data.audio import PRESETS as AUDIO_PRESETS
 
 
 def k_list(text: str) -> List[int]:
@@ -159,7 +160,7 @@ def register(protocols) -> None:
     parser.add_argument("--frames", type=positive_int, help="frames per clip (None: the checkpoint's training config)")
     parser.add_argument("--fps", type=positive_float, help="frame rate of the clips (None: the training config's)")
     parser.add_argument("--crop", type=positive_int, help="square crop in pixels (None: the training config's)")
-    parser.add_argument("--audio-preset", choices=("table5", "table6"),
+    parser.add_argument("--audio-preset", choices=list(AUDIO_PRESETS),
                         help="spectrogram preset (None: the training config's)")
     parser.add_argument("--audio-stats", metavar="NPZ",
                         help="spectrogram statistics of `avidfast stats`, or none (None: the training config's)")
