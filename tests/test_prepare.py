@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from avidfast.cli import main
-from avidfast.data import prepare as prepare_module
 from avidfast.data.manifest import METADATA_COLUMNS, read_manifest
-from avidfast.data.prepare import PrepareError, _WorkerPool, prepare, reason_kind
+from avidfast.data.prepare import PrepareError, prepare, reason_kind
+from avidfast.data.prepare import records as prepare_records
+from avidfast.data.prepare.pool import WorkerPool
 from avidfast.data.probe import probe, reject_reason
 from avidfast.data.synthetic import class_style, make_dataset
 from media import BAD_MEDIA_EXPECTED, crash_task, make_bad_media, make_clip, real_clips, sleep_task, tree_snapshot
@@ -279,8 +280,8 @@ def test_rerun_resumes_without_probing_again(tmp_path, synthetic, monkeypatch):
     def forbidden(payload):
         raise AssertionError(f"called again for {payload}")
 
-    monkeypatch.setattr(prepare_module, "_probe_task", forbidden)
-    monkeypatch.setattr(prepare_module, "_process_task", forbidden)
+    monkeypatch.setattr(prepare_records, "probe_task", forbidden)
+    monkeypatch.setattr(prepare_records, "process_task", forbidden)
     again = prepare(synthetic, out, workers=0, transcode="vp9", extract_audio="wav", min_seconds=MIN, progress=False)
     assert (again.probed, again.processed, again.reused, again.kept) == (0, 0, 3, 3)
     assert {p: os.stat(p).st_mtime_ns for p in outputs} == stamps
@@ -365,7 +366,7 @@ def test_reason_kinds():
 
 
 def test_worker_pool_survives_hangs_and_crashes():
-    pool = _WorkerPool(1)
+    pool = WorkerPool(1)
     try:
         tasks = [("slow", {"seconds": 60}, 1.0), ("crash", {}, 30.0), ("ok", {"seconds": 0}, 30.0)]
         results = {}
