@@ -84,6 +84,7 @@ from avidfast.data.audio import (
     hann_window, train_window, window_samples,
 )
 from avidfast.data.manifest import Manifest, read_manifest
+from avidfast.data.probe import probe_header
 from avidfast.data.sampling import ShardedEpochSampler, replacement_index, sample_generator
 from avidfast.data.video import EVAL_CROP_FRACTION, ClipAugment, VideoConfig, draw_augment
 from avidfast.errors import AvidfastError
@@ -142,38 +143,14 @@ class MediaInfo:
 
 
 def probe_media(path: str) -> MediaInfo:
-    """Codec, frame size, frame rate and duration of path's first video stream (PyAV).
+    """Codec, frame size, frame rate and duration of path's video stream, from
+    :func:`avidfast.data.probe.probe_header` (so the duration follows that module's rule: the
+    video stream's own, else the container's; 0 where unknown).
 
     Raises ValueError when the file cannot be opened or has no video stream."""
-    import av
-
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise ValueError("no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            if container.duration:
-                duration = container.duration / 1e6
-            elif stream.duration is not None and stream.time_base is not None:
-                duration = float(stream.duration * stream.time_base)
-            else:
-                duration = 0.0
-            return MediaInfo(stream.codec_context.name, stream.codec_context.width, stream.codec_context.height,
-                             float(rate) if rate else 0.0, duration)
-    except (av.FFmpegError, OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot open ({error})") from None
-
-
-def _check_audio_file(path: str) -> None:
-    import av
-
-    try:
-        with av.open(path) as container:
-            if not container.streams.audio:
-                raise ValueError("no audio stream")
-    except (av.FFmpegError, OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot open ({error})") from None
+    header = probe_header(path, "video")
+    return MediaInfo(header.video_codec, header.width or 0, header.height or 0, header.fps or 0.0,
+                     header.duration or 0.0)
 
 
 def frame_indices(start: float, config: VideoConfig, file_fps: float) -> np.ndarray:
@@ -299,7 +276,7 @@ class _Source:
                 bad = (self.manifest.path(row), str(error))
         if bad is None and self.validate == "probe":
             try:
-                _check_audio_file(self.manifest.audio_path(row))
+                probe_header(self.manifest.audio_path(row), "audio")
             except ValueError as error:
                 bad = (self.manifest.audio_path(row), str(error))
         if bad is not None:

@@ -8,6 +8,7 @@ from fractions import Fraction
 from typing import Dict, Optional
 
 from avidfast.data.prepare.discovery import relative
+from avidfast.data.probe import error_message, first_video_stream
 
 AUDIO_RATE = 24000  # Hz, mono, of extracted audio
 _AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
@@ -23,8 +24,7 @@ def process_task(payload: dict) -> dict:
             os.replace(temps[target], target)
         return made
     except Exception as error:
-        text = getattr(error, "strerror", None) or str(error) or type(error).__name__
-        return {"error": " ".join(str(text).split())[:200]}
+        return {"error": error_message(error)}
     finally:
         for temp in temps.values():
             if os.path.exists(temp):
@@ -49,7 +49,7 @@ def _transcode(payload: dict, temps: Dict[str, str]) -> dict:
     out = payload["out"]
     want_video = payload["video"] is not None
     with av.open(payload["source"], metadata_errors="ignore") as source:
-        vin = next((s for s in source.streams.video if not _attached(s)), None)
+        vin = first_video_stream(source)
         ain = source.streams.audio[0] if source.streams.audio else None
         if vin is None or ain is None:
             raise RuntimeError("the file lost a stream since it was probed")
@@ -95,12 +95,6 @@ def _transcode(payload: dict, temps: Dict[str, str]) -> dict:
                 writer.abort()
             if extracted is not None:
                 extracted.abort()
-
-
-def _attached(stream) -> bool:
-    from avidfast.data.probe import _is_attached_picture
-
-    return _is_attached_picture(stream)
 
 
 class _Aligned:
