@@ -115,7 +115,7 @@ class ClipDataset(torch.utils.data.Dataset):
             raise ValueError(f"file is {duration:.2f} s, shorter than the {needed:.2f} s a clip needs")
         if self.mode == "train":
             generator = sample_generator(self.seed, epoch, position, attempt)
-            start = float(torch.rand((), generator=generator, dtype=torch.float64)) * max(0.0, duration - self.video.seconds)
+            start = video_ops.train_start(duration, self.video, generator)
             height, width = _frame_size(row, path)
             aug = video_ops.draw_augment(height, width, self.video, generator)
             size = (self.video.crop, self.video.crop)

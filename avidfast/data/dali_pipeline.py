@@ -86,7 +86,9 @@ from avidfast.data.audio import (
 from avidfast.data.manifest import Manifest, read_manifest
 from avidfast.data.probe import probe_header
 from avidfast.data.sampling import ShardedEpochSampler, replacement_index, sample_generator
-from avidfast.data.video import EVAL_CROP_FRACTION, ClipAugment, VideoConfig, draw_augment
+from avidfast.data.video import (
+    ClipAugment, VideoConfig, clip_starts, draw_augment, eval_short_side, train_start,
+)
 from avidfast.errors import AvidfastError
 
 log = logging.getLogger(__name__)
@@ -309,11 +311,10 @@ class _Source:
         epoch = self.epoch if epoch is None else epoch
         generator = sample_generator(self.seed, epoch, position, attempt)
         video, preset = self.video, self.preset
-        span = max(0.0, info.duration - video.seconds) if info.duration > 0 else 0.0
         if self.train:
-            start = span * float(torch.rand(1, generator=generator, dtype=torch.float64))
+            start = train_start(info.duration, video, generator)
         else:
-            start = span / 2
+            start = clip_starts(info.duration, video, 1)[0]
         file_fps = info.fps if info.fps > 0 else video.fps
         frames = frame_indices(start, video, file_fps)
         video_start = frames[0] / file_fps
@@ -439,8 +440,8 @@ def _build_pipeline(source: _Source, *, video: VideoConfig, preset: SpectrogramP
             clips = fn.crop_mirror_normalize(frames, mirror=x["flip"], mean=mean, std=std,
                                              output_layout="CFHW", dtype=types.FLOAT)
         else:
-            short = int(round(video.crop / EVAL_CROP_FRACTION))
-            frames = fn.resize(frames, resize_shorter=short, interp_type=types.INTERP_LINEAR, antialias=True)
+            frames = fn.resize(frames, resize_shorter=eval_short_side(video.crop), interp_type=types.INTERP_LINEAR,
+                               antialias=True)
             clips = fn.crop_mirror_normalize(frames, crop=[video.crop, video.crop], mean=mean, std=std,
                                              output_layout="CFHW", dtype=types.FLOAT)
 
