@@ -165,3 +165,15 @@ def test_compute_stats_over_a_manifest(tmp_path):
     full = torch.cat(specs, dim=1).double()
     torch.testing.assert_close(stats.mean, full.mean(1).float(), rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(stats.std, full.std(1).float(), rtol=1e-4, atol=1e-3)
+
+
+def test_compute_stats_reads_the_audio_streams_duration(tmp_path):
+    """The audio (2 s) is shorter than the container (3 s, the video's): stats read the audio stream's
+    duration (avidfast.data.probe's rule), not the container's, which would run 1 s past its end."""
+    path = make_clip(str(tmp_path / "c.mp4"), seconds=2.0, frame_times=[i / 16 for i in range(48)], seed=3)
+    write_manifest(str(tmp_path / "m.csv"), [{"path": "c.mp4"}])
+    preset = audio.get_preset("table5")
+    stats, failed = compute_stats(read_manifest(str(tmp_path / "m.csv")), preset, workers=0, progress=False)
+    assert failed == 0
+    spec = audio.to_db(audio.power_spectrogram(audio.decode_audio(path, 0, 2.0), preset)).double()
+    torch.testing.assert_close(stats.mean, spec.mean(1).float(), rtol=1e-4, atol=1e-3)

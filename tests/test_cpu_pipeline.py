@@ -160,3 +160,28 @@ def test_real_clips_give_the_contract():
     loader = CPULoader(ClipDataset(manifest, video=video), batch_size=len(manifest), workers=0)
     (batch,) = list(loader)
     _check_contract(batch, len(manifest), video, get_preset("table5"))
+
+
+def test_clips_lie_within_the_video_stream_when_the_audio_is_longer(tmp_path, monkeypatch):
+    """Without metadata in the manifest, the clip range is the video stream's duration (2 s), not the
+    container's (4 s, the audio's): avidfast.data.probe's rule."""
+    from avidfast.data import video as video_ops
+
+    make_clip(str(tmp_path / "a.mp4"), seconds=4.0, frame_times=[i / 16 for i in range(32)], seed=13)
+    write_manifest(str(tmp_path / "m.csv"), [{"path": "a.mp4"}])
+    starts = []
+    decode = video_ops.decode_frames
+
+    def recording(path, start, *args, **kwargs):
+        starts.append(start)
+        return decode(path, start, *args, **kwargs)
+
+    monkeypatch.setattr(video_ops, "decode_frames", recording)
+    video = VideoConfig(frames=8, crop=32)  # 0.5 s clips
+    manifest = read_manifest(str(tmp_path / "m.csv"))
+    ClipDataset(manifest, video=video, mode="eval").load(0, epoch=0, position=0)
+    assert starts == [pytest.approx((2.0 - 0.5) / 2, abs=0.01)]  # the middle of the video, not 1.75 s
+    train = ClipDataset(manifest, video=video, mode="train")
+    for position in range(12):
+        train.load(0, epoch=0, position=position)
+    assert max(starts[1:]) <= 2.0 - 0.5 + 0.01

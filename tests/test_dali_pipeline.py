@@ -531,3 +531,22 @@ def test_real_clips_give_the_contract_in_both_pipelines():
     # VP9 at 720p takes a while to encode: the prepared copies stay in the media cache (prepare resumes).
     manifest = _prepared_for_dali(src, os.path.join(media_cache(), "bbb_clips_vp9_prepared"))
     _both_pipelines_contract(manifest, VideoConfig(frames=16, crop=112), "table6", batch_size=len(manifest))
+
+
+def test_clips_lie_within_the_video_stream_when_the_audio_is_longer(tmp_path):
+    """Without metadata in the manifest, the clip range is the video stream's duration (2 s), not the
+    container's (4 s, the audio's): avidfast.data.probe's rule, the same as the CPU pipeline's."""
+    from media import make_clip
+
+    make_clip(str(tmp_path / "a.mp4"), seconds=4.0, frame_times=[i / FPS for i in range(2 * FPS)], seed=13)
+    _write_wav(str(tmp_path / "a.wav"), 0)
+    write_manifest(str(tmp_path / "m.csv"), [dict(path="a.mp4", audio_path="a.wav")])
+    args = dict(video=VIDEO, audio_preset="table5", stats=None, batch_size=1, validate="exists")  # plans only
+    loader = dp.build_dali_loader(str(tmp_path / "m.csv"), mode="eval", **args)
+    plan = loader.plan(0, 0)
+    assert plan.video_start == pytest.approx((2.0 - VIDEO.seconds) / 2, abs=1 / FPS)  # not 1.75 s
+    assert max(plan.frames) < 2 * FPS
+    loader.close()
+    loader = dp.build_dali_loader(str(tmp_path / "m.csv"), mode="train", **args)
+    assert max(max(loader.plan(position, 0).frames) for position in range(12)) < 2 * FPS
+    loader.close()

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from avidfast.cli import main
-from avidfast.data import prepare as prepare_module
 from avidfast.data.manifest import METADATA_COLUMNS, read_manifest
-from avidfast.data.prepare import PrepareError, _WorkerPool, prepare, reason_kind
-from avidfast.data.probe import probe, reject_reason
+from avidfast.data.prepare import PrepareError, prepare, reason_kind
+from avidfast.data.prepare import records as prepare_records
+from avidfast.data.prepare.pool import WorkerPool
+from avidfast.data.probe import probe, probe_header, reject_reason
 from avidfast.data.synthetic import class_style, make_dataset
 from media import BAD_MEDIA_EXPECTED, crash_task, make_bad_media, make_clip, real_clips, sleep_task, tree_snapshot
 
@@ -94,6 +95,34 @@ def test_full_check_catches_video_only_corruption(tmp_path):
     data[pos + 8:pos + size] = np.random.default_rng(1).integers(0, 256, size - 8, dtype=np.uint8).tobytes()
     open(path, "wb").write(bytes(data))
     assert probe(path, check="full").error.startswith("decode error in the video stream")
+
+
+def _longer_audio(path):
+    """A clip whose audio (4 s) outlasts its video (32 frames at 16 fps: 2 s), as the container says."""
+    import av
+
+    make_clip(path, seconds=4.0, frame_times=[i / 16 for i in range(32)], seed=13)
+    with av.open(path) as container:
+        assert container.duration / 1e6 == pytest.approx(4.0, abs=0.1)
+    return path
+
+
+def test_duration_is_the_video_streams_not_the_containers(tmp_path):
+    """The one duration rule (avidfast.data.probe's docstring): header and measuring passes agree."""
+    path = _longer_audio(str(tmp_path / "longer_audio.mp4"))
+    for check in ("header", "fast", "full"):
+        result = probe(path, check=check)
+        assert result.error is None, (check, result.error)
+        assert result.duration == pytest.approx(2.0, abs=0.07), check
+        assert result.audio_duration == pytest.approx(4.0, abs=0.07), check
+    assert probe_header(path, "video").duration == pytest.approx(2.0, abs=0.07)
+    assert probe_header(path, "audio").audio_duration == pytest.approx(4.0, abs=0.07)
+    silent = make_clip(str(tmp_path / "silent.mp4"), seconds=2.0, audio=False)
+    with pytest.raises(ValueError, match="no audio stream"):
+        probe_header(silent, "audio")
+    (tmp_path / "text.mp4").write_text("not a video")
+    with pytest.raises(ValueError, match="cannot open container"):
+        probe_header(str(tmp_path / "text.mp4"), "video")
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -279,8 +308,8 @@ def test_rerun_resumes_without_probing_again(tmp_path, synthetic, monkeypatch):
     def forbidden(payload):
         raise AssertionError(f"called again for {payload}")
 
-    monkeypatch.setattr(prepare_module, "_probe_task", forbidden)
-    monkeypatch.setattr(prepare_module, "_process_task", forbidden)
+    monkeypatch.setattr(prepare_records, "probe_task", forbidden)
+    monkeypatch.setattr(prepare_records, "process_task", forbidden)
     again = prepare(synthetic, out, workers=0, transcode="vp9", extract_audio="wav", min_seconds=MIN, progress=False)
     assert (again.probed, again.processed, again.reused, again.kept) == (0, 0, 3, 3)
     assert {p: os.stat(p).st_mtime_ns for p in outputs} == stamps
@@ -365,7 +394,7 @@ def test_reason_kinds():
 
 
 def test_worker_pool_survives_hangs_and_crashes():
-    pool = _WorkerPool(1)
+    pool = WorkerPool(1)
     try:
         tasks = [("slow", {"seconds": 60}, 1.0), ("crash", {}, 30.0), ("ok", {"seconds": 0}, 30.0)]
         results = {}

@@ -18,6 +18,7 @@ from avidfast.data import audio as audio_ops
 from avidfast.data import video as video_ops
 from avidfast.data.audio import AudioJitter, SpectrogramPreset, SpectrogramStats
 from avidfast.data.manifest import Manifest
+from avidfast.data.probe import probe_header
 from avidfast.data.sampling import ShardedEpochSampler, replacement_index, sample_generator
 from avidfast.data.video import VideoConfig
 from avidfast.errors import AvidfastError
@@ -114,7 +115,7 @@ class ClipDataset(torch.utils.data.Dataset):
             raise ValueError(f"file is {duration:.2f} s, shorter than the {needed:.2f} s a clip needs")
         if self.mode == "train":
             generator = sample_generator(self.seed, epoch, position, attempt)
-            start = float(torch.rand((), generator=generator, dtype=torch.float64)) * max(0.0, duration - self.video.seconds)
+            start = video_ops.train_start(duration, self.video, generator)
             height, width = _frame_size(row, path)
             aug = video_ops.draw_augment(height, width, self.video, generator)
             size = (self.video.crop, self.video.crop)
@@ -145,31 +146,22 @@ class ClipDataset(torch.utils.data.Dataset):
 
 
 def _stream_duration(path: str, kind: str) -> float:
-    """Duration in seconds of the first ``kind`` ('video' or 'audio') stream of path."""
-    import av
-
-    with av.open(path) as container:
-        streams = getattr(container.streams, kind)
-        if not streams:
-            raise ValueError(f"no {kind} stream")
-        stream = streams[0]
-        if stream.duration is not None:
-            return float(stream.duration * stream.time_base)
-        if container.duration is not None:
-            return container.duration / 1e6
+    """Duration in seconds of path's ``kind`` ('video' or 'audio') stream, by the rule of
+    :mod:`avidfast.data.probe` (the stream's own, else the container's)."""
+    header = probe_header(path, kind)
+    duration = header.duration if kind == "video" else header.audio_duration
+    if duration is None:
         raise ValueError("unknown duration; run `avidfast prepare` to record it")
+    return duration
 
 
 def _frame_size(row: Dict[str, object], path: str) -> Tuple[int, int]:
     if row.get("height") and row.get("width"):
         return int(row["height"]), int(row["width"])
-    import av
-
-    with av.open(path) as container:
-        if not container.streams.video:
-            raise ValueError("no video stream")
-        context = container.streams.video[0].codec_context
-        return context.height, context.width
+    header = probe_header(path, "video")
+    if not header.height or not header.width:
+        raise ValueError("video has no frame size")
+    return header.height, header.width
 
 
 class _EpochKeys(torch.utils.data.Sampler):

@@ -84,8 +84,11 @@ from avidfast.data.audio import (
     get_preset, hann_window, train_window, window_samples,
 )
 from avidfast.data.manifest import Manifest, read_manifest
+from avidfast.data.probe import probe_header
 from avidfast.data.sampling import ShardedEpochSampler, replacement_index, sample_generator
-from avidfast.data.video import EVAL_CROP_FRACTION, ClipAugment, VideoConfig, draw_augment
+from avidfast.data.video import (
+    ClipAugment, VideoConfig, clip_starts, draw_augment, eval_short_side, train_start,
+)
 from avidfast.errors import AvidfastError
 
 log = logging.getLogger(__name__)
@@ -142,38 +145,14 @@ class MediaInfo:
 
 
 def probe_media(path: str) -> MediaInfo:
-    """Codec, frame size, frame rate and duration of path's first video stream (PyAV).
+    """Codec, frame size, frame rate and duration of path's video stream, from
+    :func:`avidfast.data.probe.probe_header` (so the duration follows that module's rule: the
+    video stream's own, else the container's; 0 where unknown).
 
     Raises ValueError when the file cannot be opened or has no video stream."""
-    import av
-
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise ValueError("no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            if container.duration:
-                duration = container.duration / 1e6
-            elif stream.duration is not None and stream.time_base is not None:
-                duration = float(stream.duration * stream.time_base)
-            else:
-                duration = 0.0
-            return MediaInfo(stream.codec_context.name, stream.codec_context.width, stream.codec_context.height,
-                             float(rate) if rate else 0.0, duration)
-    except (av.FFmpegError, OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot open ({error})") from None
-
-
-def _check_audio_file(path: str) -> None:
-    import av
-
-    try:
-        with av.open(path) as container:
-            if not container.streams.audio:
-                raise ValueError("no audio stream")
-    except (av.FFmpegError, OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot open ({error})") from None
+    header = probe_header(path, "video")
+    return MediaInfo(header.video_codec, header.width or 0, header.height or 0, header.fps or 0.0,
+                     header.duration or 0.0)
 
 
 def frame_indices(start: float, config: VideoConfig, file_fps: float) -> np.ndarray:
@@ -299,7 +278,7 @@ class _Source:
                 bad = (self.manifest.path(row), str(error))
         if bad is None and self.validate == "probe":
             try:
-                _check_audio_file(self.manifest.audio_path(row))
+                probe_header(self.manifest.audio_path(row), "audio")
             except ValueError as error:
                 bad = (self.manifest.audio_path(row), str(error))
         if bad is not None:
@@ -332,11 +311,10 @@ class _Source:
         epoch = self.epoch if epoch is None else epoch
         generator = sample_generator(self.seed, epoch, position, attempt)
         video, preset = self.video, self.preset
-        span = max(0.0, info.duration - video.seconds) if info.duration > 0 else 0.0
         if self.train:
-            start = span * float(torch.rand(1, generator=generator, dtype=torch.float64))
+            start = train_start(info.duration, video, generator)
         else:
-            start = span / 2
+            start = clip_starts(info.duration, video, 1)[0]
         file_fps = info.fps if info.fps > 0 else video.fps
         frames = frame_indices(start, video, file_fps)
         video_start = frames[0] / file_fps
@@ -462,8 +440,8 @@ def _build_pipeline(source: _Source, *, video: VideoConfig, preset: SpectrogramP
             clips = fn.crop_mirror_normalize(frames, mirror=x["flip"], mean=mean, std=std,
                                              output_layout="CFHW", dtype=types.FLOAT)
         else:
-            short = int(round(video.crop / EVAL_CROP_FRACTION))
-            frames = fn.resize(frames, resize_shorter=short, interp_type=types.INTERP_LINEAR, antialias=True)
+            frames = fn.resize(frames, resize_shorter=eval_short_side(video.crop), interp_type=types.INTERP_LINEAR,
+                               antialias=True)
             clips = fn.crop_mirror_normalize(frames, crop=[video.crop, video.crop], mean=mean, std=std,
                                              output_layout="CFHW", dtype=types.FLOAT)
 

@@ -18,6 +18,17 @@ first packets cannot be decoded (e.g. cut without re-encoding at a non-keyframe)
 check accepts. Without it, a corrupt video packet in the middle of a stream goes unnoticed when
 the decoder conceals it (H.264 does) or it is never decoded; in interleaved files such damage
 usually hits audio packets too, and those are all decoded. ``check="header"`` only reads headers.
+
+Durations: one rule, for every reader of a file (``avidfast prepare``, both loaders, ``avidfast
+stats``). A clip's ``duration`` is its video stream's own, from its first frame to the end of its
+last one; ``audio_duration`` is its audio stream's. The container's duration is only the fallback
+for a stream that states none (Matroska/WebM keep no per-stream duration), never preferred: it is
+the longest stream's (plus start offsets), and audio often outlasts the picture (AAC padding, a
+soundtrack longer than the video), so a clip placed within it can start or run past the last
+frame. ``check="header"`` (:func:`probe_header`, what the loaders use for a manifest row without
+the metadata ``avidfast prepare`` writes) takes the durations the stream headers state, else the
+container's; ``fast`` and ``full`` measure them from the packets, check the stated ones against
+the measurement (truncation) and report the measured ones.
 """
 import os
 import time
@@ -32,9 +43,10 @@ class ProbeResult:
     """What :func:`probe` found. Times in seconds, rates in Hz; ``None`` where unknown.
 
     ``duration`` is the video stream's (from its first frame to the end of its last one) when
-    there is video, else the audio's. ``fps`` is the stream's average rate (frames / duration for
-    variable frame rate files). ``video_start`` and ``audio_start`` are the presentation times of
-    the first decoded frame of each stream (what the timestamps of the streams are relative to).
+    there is video, else the audio's (the rule: module docstring). ``fps`` is the stream's
+    average rate (frames / duration for variable frame rate files). ``video_start`` and
+    ``audio_start`` are the presentation times of the first decoded frame of each stream (what the
+    timestamps of the streams are relative to).
     ``error`` is why the file cannot be used (unreadable, truncated, corrupt), ``None`` if the
     checks passed; whether it is long enough or has both streams is for :func:`reject_reason`.
     """
@@ -89,19 +101,25 @@ def reject_reason(result: ProbeResult, min_seconds: float) -> Optional[str]:
     return None
 
 
-def _message(error: BaseException) -> str:
-    """FFmpeg's message without the errno and the file name PyAV adds."""
+def error_message(error: BaseException) -> str:
+    """FFmpeg's message without the errno and the file name PyAV adds (one line, at most 200 characters)."""
     text = getattr(error, "strerror", None) or str(error) or type(error).__name__
     return " ".join(str(text).split())[:200]
 
 
-def _is_attached_picture(stream) -> bool:
+def is_attached_picture(stream) -> bool:
+    """True for a "video" stream that is cover art (one still picture), not the clip's video."""
     try:
         import av
 
         return bool(int(stream.disposition) & int(av.stream.Disposition.attached_pic))
     except Exception:
         return False
+
+
+def first_video_stream(container):
+    """The container's first video stream that is not cover art, or None: the stream every reader uses."""
+    return next((s for s in container.streams.video if not is_attached_picture(s)), None)
 
 
 def _seconds(value, time_base) -> Optional[float]:
@@ -131,7 +149,23 @@ def probe(path: str, *, check: str = "fast", start_frames: int = 4, tail_seconds
     except MemoryError:
         result.error = "out of memory while probing"
     except Exception as error:  # a bug or an exotic failure: still a reason, not a crash
-        result.error = f"probe failed: {type(error).__name__}: {_message(error)}"
+        result.error = f"probe failed: {type(error).__name__}: {error_message(error)}"
+    return result
+
+
+def probe_header(path: str, stream: str = "video") -> ProbeResult:
+    """``probe(path, check="header")`` for a reader about to use one ``stream`` ('video' or 'audio')
+    of the file: raises ValueError with the reason when the file is unusable or has no such stream.
+
+    Durations follow the module docstring's rule (the stream's stated duration, else the container's).
+    """
+    if stream not in ("video", "audio"):
+        raise ValueError(f"stream must be 'video' or 'audio', got {stream!r}")
+    result = probe(path, check="header")
+    if result.error:
+        raise ValueError(result.error)
+    if not (result.has_video if stream == "video" else result.has_audio):
+        raise ValueError(f"no {stream} stream")
     return result
 
 
@@ -144,7 +178,7 @@ def _probe(result: ProbeResult, check: str, start_frames: int, tail_seconds: flo
     except FileNotFoundError:
         raise _Failed("no such file") from None
     except OSError as error:
-        raise _Failed(f"cannot read: {_message(error)}") from None
+        raise _Failed(f"cannot read: {error_message(error)}") from None
     if not os.path.isfile(result.path):
         raise _Failed("not a regular file")
     result.size_bytes = stat.st_size
@@ -153,13 +187,11 @@ def _probe(result: ProbeResult, check: str, start_frames: int, tail_seconds: flo
     try:
         container = av.open(result.path, metadata_errors="ignore")
     except Exception as error:
-        raise _Failed(f"cannot open container: {_message(error)}") from None
+        raise _Failed(f"cannot open container: {error_message(error)}") from None
     with container:
         result.container = container.format.name if container.format else None
-        videos = [s for s in container.streams.video if not _is_attached_picture(s)]
-        audios = list(container.streams.audio)
-        video = videos[0] if videos else None
-        audio = audios[0] if audios else None
+        video = first_video_stream(container)
+        audio = container.streams.audio[0] if container.streams.audio else None
         if video is not None:
             ctx = video.codec_context
             if ctx is None:
@@ -226,7 +258,7 @@ def _scan(result, container, video, audio, check, start_frames, tail_seconds, de
     where = 0.0
 
     def decode_error(kind, error):
-        return _Failed(f"decode error in the {kind} stream at {where:.1f} s: {_message(error)}")
+        return _Failed(f"decode error in the {kind} stream at {where:.1f} s: {error_message(error)}")
 
     try:
         for count, packet in enumerate(container.demux(*streams)):
@@ -274,7 +306,7 @@ def _scan(result, container, video, audio, check, start_frames, tail_seconds, de
     except _Failed:
         raise
     except av.FFmpegError as error:
-        raise _Failed(f"cannot read packets after {where:.1f} s: {_message(error)}") from None
+        raise _Failed(f"cannot read packets after {where:.1f} s: {error_message(error)}") from None
 
     try:  # flush the decoders: frames they held back are part of the stream too
         if audio is not None:
@@ -286,7 +318,7 @@ def _scan(result, container, video, audio, check, start_frames, tail_seconds, de
                     result.video_start = float(frame.time)
                 video_frames += 1
     except av.FFmpegError as error:
-        raise _Failed(f"decode error at the end of the file: {_message(error)}") from None
+        raise _Failed(f"decode error at the end of the file: {error_message(error)}") from None
 
     if audio is not None:
         if aend.packets == 0:
@@ -340,7 +372,7 @@ def _decode_tail(video, packets, tail_seconds) -> None:
             frames += len(ctx.decode(packet))
         frames += len(ctx.decode(None))
     except av.FFmpegError as error:
-        raise _Failed(f"decode error in the video stream at {where:.1f} s: {_message(error)}") from None
+        raise _Failed(f"decode error in the video stream at {where:.1f} s: {error_message(error)}") from None
     if frames == 0:
         raise _Failed(f"no decodable video frame in the last {tail_seconds:g} s")
 

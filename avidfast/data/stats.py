@@ -7,20 +7,19 @@ import torch
 
 from avidfast.data import audio as audio_ops
 from avidfast.data.manifest import Manifest
+from avidfast.data.probe import probe_header
 
 log = logging.getLogger(__name__)
 
 
 def _file_stats(task: Tuple[str, Optional[float], str, float]) -> Tuple[str, Optional[audio_ops.RunningStats], str]:
-    """Accumulates the dB spectrogram of up to max_seconds of one file's audio."""
+    """Accumulates the dB spectrogram of up to max_seconds of one file's audio (``duration``: the
+    manifest's ``audio_duration``, else the audio stream's by the rule of :mod:`avidfast.data.probe`)."""
     path, duration, preset_name, max_seconds = task
     preset = audio_ops.get_preset(preset_name)
     try:
         if duration is None:
-            import av
-
-            with av.open(path) as container:
-                duration = (container.duration or 0) / 1e6
+            duration = probe_header(path, "audio").audio_duration or 0.0
         seconds = min(duration, max_seconds)
         if seconds * preset.sample_rate <= preset.fft_size:
             raise ValueError(f"audio of {seconds:.2f} s is too short for a spectrogram")
@@ -48,7 +47,7 @@ def compute_stats(
     """
     from tqdm import tqdm
 
-    tasks = [(manifest.audio_path(i), manifest.rows[i].get("duration"), preset.name, max_seconds)
+    tasks = [(manifest.audio_path(i), manifest.rows[i].get("audio_duration"), preset.name, max_seconds)
              for i in range(len(manifest))]
     total = audio_ops.RunningStats(preset.bins)
     failed = 0

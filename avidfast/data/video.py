@@ -11,6 +11,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from avidfast.data.probe import first_video_stream
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_FRACTION = 0.875  # evaluation: short side resized to crop / 0.875, then centre crop
@@ -93,12 +95,23 @@ def draw_augment(height: int, width: int, config: VideoConfig, generator: torch.
     return ClipAugment(crop, flip, brightness, contrast, saturation, hue, order)
 
 
+def eval_short_side(crop: int) -> int:
+    """Evaluation resizes a frame's short side to this many pixels (crop / 0.875), then centre-crops."""
+    return int(round(crop / EVAL_CROP_FRACTION))
+
+
 def eval_size(height: int, width: int, crop: int) -> Tuple[int, int]:
     """(height, width) after resizing the short side to crop / 0.875, keeping the aspect ratio."""
-    short = int(round(crop / EVAL_CROP_FRACTION))
+    short = eval_short_side(crop)
     if height <= width:
         return short, max(short, int(round(width * short / height)))
     return max(short, int(round(height * short / width))), short
+
+
+def train_start(duration: float, config: VideoConfig, generator: torch.Generator) -> float:
+    """A training clip's start (seconds), uniform in [0, duration - clip length]: the first draw
+    from a sample's generator (both pipelines draw the crop and the audio window after it)."""
+    return float(torch.rand((), generator=generator, dtype=torch.float64)) * max(0.0, duration - config.seconds)
 
 
 def clip_starts(duration: float, config: VideoConfig, count: int) -> List[float]:
@@ -107,9 +120,6 @@ def clip_starts(duration: float, config: VideoConfig, count: int) -> List[float]
     if count == 1:
         return [last / 2]
     return [last * i / (count - 1) for i in range(count)]
-
-
-REFERENCE_MARGIN = 8  # frames before the clip decoded in full, so B-frame reordering cannot bite
 
 
 class _Converter:
@@ -183,9 +193,9 @@ def decode_frames(
 
     times = [start + i / config.fps for i in range(config.frames)]
     with av.open(path) as container:
-        if not container.streams.video:
+        stream = first_video_stream(container)
+        if stream is None:
             raise ValueError("no video stream")
-        stream = container.streams.video[0]
         context = stream.codec_context
         stream.thread_type = "AUTO" if threads > 1 else "SLICE"
         context.thread_count = threads

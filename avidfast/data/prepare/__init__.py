@@ -1,0 +1,119 @@
+"""``avidfast prepare``: probe a collection of videos, keep the usable ones, optionally re-encode.
+
+Input (SRC): a manifest CSV (paths relative to its folder, or to ``root``) or a folder, searched
+recursively for files ending in one of :data:`VIDEO_EXTENSIONS` (hidden files and folders, and
+OUT when it lies inside SRC, are skipped).
+
+Output folder OUT:
+  * ``manifest.csv``: one row per usable clip, in source order, with ``path``, ``label`` (and any
+    other column of a source manifest) and the metadata columns
+    (:data:`avidfast.data.manifest.METADATA_COLUMNS`). All paths are relative to OUT, so
+    ``read_manifest("OUT/manifest.csv")`` works as is:
+      - with ``transcode``: ``path`` is the re-encoded file, ``videos/<source path>.<mp4|webm>``;
+      - without: ``path`` points at the source file itself (``../raw/a.mp4``-style; absolute only
+        where no relative path exists, e.g. another drive);
+      - with ``extract_audio``: ``audio_path`` is ``audio/<source path>.<wav|flac>``, 24 kHz mono
+        16-bit, whose sample 0 is at the time of the video's first frame.
+    ``duration`` (s), ``fps``, ``width``, ``height`` describe the ``path`` file; ``sample_rate``
+    (Hz) and ``channels`` the audio inside it (empty when a transcoded file carries none).
+    ``<source path>`` mirrors the source tree: the path relative to the SRC folder (or manifest
+    root) without its extension, plus ``_<ext>`` where two sources would otherwise collide; a
+    manifest entry outside its root goes under ``_outside/<hash>/``.
+  * ``rejected.csv``: ``path`` (relative to OUT, like above) and ``reason`` (one short line).
+  * ``.prepare/``: one JSON record per source file (its probe and the outputs made from it) and
+    the options of the last run. A rerun skips every file whose record matches the file's size and
+    modification time and whose outputs exist and were made with the same options (outputs are
+    written to a temporary name and renamed when complete, so an existing output is complete).
+
+Sources are only read, never written: OUT may not be the source folder, and no output path may
+be a source file. Work runs in ``workers`` spawned processes (0: in this process); a file that
+hangs or crashes its worker is rejected with a reason instead of stopping the run.
+
+Modules, one per job: ``options`` (what can be asked, :class:`PrepareError`), ``discovery``
+(the source files and where their outputs go), ``records`` (per-file records, the probe and
+output passes, the manifest rows), ``pool`` (the crash-tolerant worker processes), ``writers``
+(the PyAV audio-extraction and re-encoding writers).
+"""
+import os
+import sys
+import time
+from typing import Callable, Dict, Optional
+
+from avidfast.data.manifest import write_manifest
+from avidfast.data.prepare.discovery import (
+    VIDEO_EXTENSIONS, Entry, check_out, find_sources, output_stems, planned_outputs,
+)
+from avidfast.data.prepare.options import (
+    AUDIO_FORMATS, OUTPUT_VERSION, STATE_DIR, TRANSCODES, PrepareError, check_arguments,
+)
+from avidfast.data.prepare.pool import WorkerPool
+from avidfast.data.prepare.records import (
+    PrepareSummary, manifest_columns, manifest_rows, probe_all, process_all, reason_kind, save_run,
+)
+from avidfast.data.prepare.writers import AUDIO_RATE
+
+__all__ = ["prepare", "PrepareError", "PrepareSummary", "reason_kind", "VIDEO_EXTENSIONS", "AUDIO_FORMATS",
+           "TRANSCODES", "AUDIO_RATE", "STATE_DIR"]
+
+
+def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int = 2,
+            extract_audio: Optional[str] = None, transcode: Optional[str] = None, fps: int = 16,
+            gop: int = 16, min_seconds: float = 2.0, check: str = "fast", progress: bool = True,
+            log: Optional[Callable[[str], None]] = None) -> PrepareSummary:
+    """Probes SRC, writes ``OUT/manifest.csv`` and ``OUT/rejected.csv``; see the module docstring.
+
+    ``extract_audio``: None, "wav" or "flac" (24 kHz mono 16-bit). ``transcode``: None, "h264"
+    (libx264 yuv420p in MP4 with AAC audio: for GPU decoding) or "vp9" (libvpx-vp9 realtime in
+    WebM with Opus audio, or no audio when ``extract_audio`` is set: DALI's CPU backend decodes
+    it). Transcoded video has a constant ``fps`` and a keyframe every ``gop`` frames, and even
+    width and height (odd ones are scaled down by one pixel). ``min_seconds``: shorter clips are
+    rejected. ``check``: how hard each file is probed, see :mod:`avidfast.data.probe`.
+    ``log`` receives one-line notes (default: stderr when ``progress``).
+    Raises :class:`PrepareError` for bad arguments or inputs.
+    """
+    started = time.monotonic()
+    check_arguments(extract_audio=extract_audio, transcode=transcode, check=check, fps=fps, gop=gop,
+                    workers=workers, min_seconds=min_seconds)
+    if log is None:
+        log = (lambda message: print(message, file=sys.stderr, flush=True)) if progress else (lambda message: None)
+
+    out = os.path.abspath(out_dir)
+    entries, source_root, protected = find_sources(src, root, out)
+    check_out(out, source_root, protected)
+    unique: Dict[str, Entry] = {}
+    for entry in entries:
+        unique.setdefault(entry.source, entry)
+    stems = output_stems(list(unique.values()))
+    for stem in stems.values():
+        for name in planned_outputs(out, stem, transcode, extract_audio).values():
+            if os.path.realpath(name) in protected:
+                raise PrepareError(f"output {name} would overwrite a source file; choose another OUT")
+
+    state = os.path.join(out, STATE_DIR)
+    os.makedirs(state, exist_ok=True)
+    options = {"transcode": transcode, "fps": fps if transcode else None, "gop": gop if transcode else None,
+               "extract_audio": extract_audio, "version": OUTPUT_VERSION}
+    save_run(state, src, source_root, options, check, min_seconds)
+
+    summary = PrepareSummary(os.path.join(out, "manifest.csv"), os.path.join(out, "rejected.csv"))
+    pool = WorkerPool(workers)
+    try:
+        records = probe_all(unique, state, check, pool, progress, summary)
+        if transcode or extract_audio:
+            process_all(unique, stems, records, state, out, options, transcode, extract_audio, fps, gop,
+                        min_seconds, pool, progress, summary)
+    finally:
+        pool.close()
+
+    kept_rows, rejected_rows, reasons = manifest_rows(entries, records, out, transcode, extract_audio, min_seconds)
+    columns = manifest_columns(entries, extract_audio)
+    write_manifest(summary.manifest_path, kept_rows, columns=columns)
+    write_manifest(summary.rejected_path, rejected_rows, columns=["path", "reason"])
+    summary.total = len(entries)
+    summary.kept = len(kept_rows)
+    summary.rejected = len(rejected_rows)
+    summary.reasons = dict(reasons)
+    summary.seconds = time.monotonic() - started
+    if not kept_rows:
+        log(f"warning: no usable clip in {src}; see {summary.rejected_path}")
+    return summary

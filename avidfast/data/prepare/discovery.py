@@ -1,0 +1,108 @@
+"""Finding the sources of ``avidfast prepare`` (a folder or a manifest) and planning where outputs go.
+
+Nothing here writes: it lists the source files in order, with the path each output mirrors, the
+real paths that must never be written, and checks that OUT is safe to write into.
+"""
+import hashlib
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from avidfast.data.manifest import ManifestError, read_manifest
+from avidfast.data.prepare.options import AUDIO_FORMATS, STATE_DIR, TRANSCODES, PrepareError
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
+
+
+@dataclass
+class Entry:
+    """One source file, as listed (a file listed twice gives two entries)."""
+
+    source: str                  # absolute path
+    key: str                     # path relative to the source root, "/"-separated
+    row: Dict[str, object]       # the source manifest's row (empty for folder sources)
+
+
+def relative(path: str, start: str) -> str:
+    """``path`` relative to ``start``, "/"-separated (``path`` itself where none exists)."""
+    try:
+        return os.path.relpath(path, start).replace(os.sep, "/")
+    except ValueError:  # another drive (Windows)
+        return path
+
+
+def find_sources(src: str, root: Optional[str], out: str) -> Tuple[List[Entry], str, set]:
+    """Entries in source order, the source root, and the real paths that must never be written."""
+    if os.path.isdir(src):
+        if root is not None:
+            raise PrepareError("--root only applies when SRC is a manifest, not a folder")
+        base = os.path.abspath(src)
+        entries = []
+        for directory, folders, files in os.walk(base):
+            folders[:] = sorted(f for f in folders if not f.startswith(".")
+                                and os.path.abspath(os.path.join(directory, f)) != out)
+            for name in sorted(files):
+                if not name.startswith(".") and name.lower().endswith(VIDEO_EXTENSIONS):
+                    path = os.path.join(directory, name)
+                    entries.append(Entry(path, relative(path, base), {}))
+        if not entries:
+            raise PrepareError(f"{src}: no video files found (looked for {', '.join(VIDEO_EXTENSIONS)})")
+        protected = {os.path.realpath(e.source) for e in entries}
+        return entries, base, protected
+    if os.path.isfile(src):
+        try:
+            manifest = read_manifest(src, root)
+        except ManifestError as error:
+            raise PrepareError(str(error)) from None
+        except (UnicodeDecodeError, ValueError) as error:
+            raise PrepareError(f"manifest {src}: cannot be read as CSV ({error})") from None
+        entries = []
+        for i, row in enumerate(manifest.rows):
+            path = os.path.normpath(manifest.path(i))
+            rel = relative(path, manifest.root)
+            if rel.startswith("../") or rel == ".." or os.path.isabs(rel):
+                digest = hashlib.sha1(path.encode()).hexdigest()[:10]
+                rel = f"_outside/{digest}/{os.path.basename(path)}"
+            entries.append(Entry(path, rel, dict(row)))
+        protected = {os.path.realpath(e.source) for e in entries} | {os.path.realpath(src)}
+        return entries, manifest.root, protected
+    raise PrepareError(f"{src}: no such file or folder")
+
+
+def check_out(out: str, source_root: str, protected: set) -> None:
+    if os.path.realpath(out) == os.path.realpath(source_root):
+        raise PrepareError(f"OUT {out} is the source folder; choose a separate output folder")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PrepareError(f"OUT {out} exists and is not a folder")
+    for name in ("manifest.csv", "rejected.csv"):
+        if os.path.realpath(os.path.join(out, name)) in protected:
+            raise PrepareError(f"OUT/{name} would overwrite the source {os.path.join(out, name)}")
+    if os.path.exists(os.path.join(out, "manifest.csv")) and not os.path.isdir(os.path.join(out, STATE_DIR)):
+        raise PrepareError(f"{out} already holds a manifest.csv that avidfast prepare did not write; "
+                           "choose another OUT")
+
+
+def output_stems(entries: List[Entry]) -> Dict[str, str]:
+    """Source path -> output stem (relative to videos/ and audio/), collision-free."""
+    plain = {e.source: os.path.splitext(e.key)[0] for e in entries}
+    counts = Counter(s.lower() for s in plain.values())
+    stems = {}
+    for e in entries:
+        stem = plain[e.source]
+        if counts[stem.lower()] > 1:
+            base, ext = os.path.splitext(e.key)
+            stem = f"{base}_{ext.lstrip('.')}" if ext else f"{base}_"
+        stems[e.source] = stem
+    if len({s.lower() for s in stems.values()}) < len(stems):  # pathological: fall back to hashes
+        stems = {src: f"{stem}_{hashlib.sha1(src.encode()).hexdigest()[:8]}" for src, stem in stems.items()}
+    return stems
+
+
+def planned_outputs(out: str, stem: str, transcode: Optional[str], extract_audio: Optional[str]) -> Dict[str, str]:
+    planned = {}
+    if transcode:
+        planned["video"] = os.path.join(out, "videos", stem + TRANSCODES[transcode])
+    if extract_audio:
+        planned["audio"] = os.path.join(out, "audio", stem + AUDIO_FORMATS[extract_audio])
+    return planned
