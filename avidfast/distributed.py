@@ -1,5 +1,5 @@
 """torch.distributed helpers: process-group start-up under torchrun, and the collectives the losses
-need, as no-ops when torch.distributed is not initialised."""
+and the evaluation protocols need, as no-ops when torch.distributed is not initialised."""
 import os
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
@@ -53,6 +53,36 @@ class BatchLayout:
             dist.all_gather(parts, padded)
             gathered.append(torch.cat([p[:n] for p, n in zip(parts, self.sizes)]))
         return gathered
+
+
+def collective_device() -> torch.device:
+    """Where this process group's collectives take their tensors: the current CUDA device under NCCL,
+    else the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_rows(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Each tensor's rows from every rank, concatenated in rank order, on every rank (no autograd).
+
+    The ranks may hold different numbers of rows; the tensors of one rank all hold the same number
+    (rows of one table: scores, their video index, their label). Each result is on its input's
+    device (the collective itself runs on :func:`collective_device`). Without a process group: the
+    tensors themselves, detached.
+    """
+    if not tensors:
+        return []
+    rows = tensors[0].shape[0]
+    if any(t.shape[0] != rows for t in tensors):
+        raise ValueError(f"all_gather_rows needs tensors with the same number of rows, got "
+                         f"{[tuple(t.shape) for t in tensors]}")
+    if not is_distributed():
+        return [t.detach() for t in tensors]
+    device = collective_device()
+    layout = BatchLayout.exchange(rows, device)
+    gathered = layout.all_gather([t.to(device) for t in tensors])
+    return [g.to(t.device) for g, t in zip(gathered, tensors)]
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

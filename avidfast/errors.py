@@ -13,3 +13,8 @@ class AvidfastError(Exception):
 
 class ExtensionUnavailableError(AvidfastError, RuntimeError):
     """The compiled operator library avidfast._C is missing or does not match the running torch."""
+
+
+class EvalError(AvidfastError, ValueError):
+    """An evaluation that cannot run on the given inputs (a checkpoint without memory banks, labels that
+    do not fit it, a device that is not there, too few clips for a batch): the message names the input."""

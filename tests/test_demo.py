@@ -2,7 +2,7 @@
 import json
 import os
 
-from avidfast.train.demo import DemoSettings, run_demo
+from avidfast.demo import DemoSettings, run_demo
 
 
 def test_demo_runs_end_to_end_and_reuses_its_work(tmp_path, capsys):

@@ -88,3 +88,34 @@ def test_two_rank_mining_equals_single_process_mining():
     video, audio, index = _batches((5, 5))[0]
     single(video, audio, index)
     assert torch.equal(ranks[0]["video_memory.memory"], single.video_memory.memory)
+
+
+def _gather_worker(rank, world, init_file, out_dir, sizes):
+    from avidfast.distributed import all_gather_rows
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        start = sum(sizes[:rank])
+        rows = torch.arange(start, start + sizes[rank])
+        scores = torch.stack([rows.double(), -rows.double()], dim=1)
+        gathered = all_gather_rows([scores, rows, rows % 3])
+        torch.save(gathered, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sizes", [(3, 5), (4, 0)])
+def test_all_gather_rows_concatenates_uneven_ranks_in_rank_order(sizes):
+    from avidfast.distributed import all_gather_rows
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_gather_worker, args=(2, os.path.join(tmp, "init"), tmp, list(sizes)), nprocs=2, join=True)
+        ranks = [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=True) for r in range(2)]
+    rows = torch.arange(sum(sizes))
+    for scores, index, label in ranks:  # every rank gets every row, rank 0's first
+        assert torch.equal(index, rows) and torch.equal(label, rows % 3)
+        assert torch.equal(scores, torch.stack([rows.double(), -rows.double()], dim=1))
+    alone = torch.arange(4)
+    assert torch.equal(all_gather_rows([alone])[0], alone)  # no process group: the rows themselves
+    with pytest.raises(ValueError, match="same number of rows"):
+        all_gather_rows([alone, torch.arange(3)])

@@ -280,3 +280,43 @@ def test_extract_audio_features_from_an_av_model(eval_batches, tmp_path):
     assert torch.equal(back.index, out.index) and torch.equal(back.label, out.label)
     with pytest.raises(TypeError, match="features"):
         extract_features(torch.nn.Linear(2, 2), batches, progress=False)
+
+
+# ---------------------------------------------------------------- class indices
+
+def test_memory_probe_indexes_classes_as_the_linear_probe_does(tmp_path):
+    from avidfast.data.manifest import write_manifest
+    from avidfast.eval.config import EvalConfig, EvalDataSection
+    from avidfast.eval.data import labelled_split
+    from avidfast.eval.memory_protocol import memory_labels
+
+    labels = ["10", "9", "b", "A", "9", "10", "A", "b"]
+    path = str(tmp_path / "labels.csv")
+    write_manifest(path, [{"path": f"v{i}.mp4", "label": label} for i, label in enumerate(labels)])
+    manifest = read_manifest(path)
+    assert manifest.classes == ["9", "10", "A", "b"] != sorted(set(labels))  # not the plain string order
+    classes, memory = memory_labels(manifest)
+    split = labelled_split(EvalConfig(data=EvalDataSection(train_manifest=path, test_manifest=path)))
+    linear = ClipDataset(split.train, mode="eval", classes=split.classes).labels
+    assert classes == split.classes == manifest.classes
+    assert memory == linear == [manifest.classes.index(label) for label in labels]
+    # a row without a label is left out of the memory probe (-1); the others keep their indices
+    write_manifest(path, [{"path": f"v{i}.mp4", "label": "" if i == 0 else label} for i, label in enumerate(labels)],
+                   ["path", "label"])
+    assert memory_labels(read_manifest(path)) == (classes, [-1] + memory[1:])
+
+
+def test_device_errors_name_the_setting():
+    from avidfast.errors import AvidfastError
+    from avidfast.eval.data import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(AvidfastError, match="--device gpu: not a device"):
+        resolve_device("gpu", "--device")
+    if not torch.cuda.is_available():
+        with pytest.raises(AvidfastError, match="run.device=cuda: no CUDA device is visible; use --set run.device=cpu"):
+            resolve_device("cuda")
+        with pytest.raises(AvidfastError, match="--device cuda:1: no CUDA device is visible; use --device cpu"):
+            resolve_device("cuda:1", "--device")
+    else:
+        assert resolve_device("cuda").index is not None  # torch.cuda.set_device needs an index

@@ -1,4 +1,5 @@
-"""`avidfast eval finetune`: end to end from a checkpoint, determinism, the caller's model, errors."""
+"""`avidfast eval finetune`: end to end from a checkpoint, determinism, the caller's model, errors; `eval memory`
+on the same checkpoint."""
 import contextlib
 import glob
 import io
@@ -128,3 +129,26 @@ def test_errors_are_one_line_and_name_the_culprit(pretrained, tmp_path, capsys):
     assert "none.pt: no such file" in capsys.readouterr().err
     assert _cli(manifest, checkpoint, tmp_path / "big", "optim.batch_size=64") == 2
     assert "fewer training clips than one batch" in capsys.readouterr().err
+
+
+def test_memory_probe_entry_point_and_one_line_errors(pretrained, tmp_path, capsys):
+    from avidfast.eval import MemoryProbeSettings, run_memory_probe
+
+    manifest, checkpoint = pretrained
+    out = tmp_path / "memory"
+    result = run_memory_probe(MemoryProbeSettings(checkpoint, repeats=2, epochs=2, device="cpu", out=str(out)))
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["protocol"] == "memory" and saved["num_classes"] == NUM_CLASSES == result.num_classes
+    assert saved["top1"] == result.top1 and len(result.top1["combined"]) == 2
+    assert "memory probe (trained banks" in capsys.readouterr().out
+
+    command = ["eval", "memory", "--checkpoint", checkpoint, "--repeats", "2", "--epochs", "2", "--out",
+               str(tmp_path / "bad")]
+    assert main(command + ["--device", "gpu"]) == 2
+    assert "--device gpu: not a device" in capsys.readouterr().err
+    assert main(command + ["--train-fraction", "1.5"]) == 2
+    assert "--train-fraction 1.5: must lie between 0 and 1" in capsys.readouterr().err
+    short = tmp_path / "short.csv"
+    short.write_text("\n".join(open(manifest).read().splitlines()[:6]) + "\n")
+    assert main(command + ["--labels", str(short), "--root", os.path.dirname(manifest)]) == 2
+    assert f"--labels {short}: 5 rows, but the banks have {NUM_VIDEOS} slots" in capsys.readouterr().err

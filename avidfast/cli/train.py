@@ -24,7 +24,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from avidfast.train.demo import DemoSettings, run_demo
+    from avidfast.demo import DemoSettings, run_demo
 
     settings = DemoSettings(out_dir=args.out, videos=args.videos, classes=args.classes, seconds=args.seconds,
                             colour_cue=args.colour_cue, held_out_videos=args.held_out_videos,

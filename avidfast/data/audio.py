@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from avidfast.errors import AvidfastError
+
 SAMPLE_RATE = 24000  # Hz, the paper's rate (supplement A)
 AMIN = 1e-10  # power floor before the log, so silence gives -100 dB rather than -inf
 NORM_EPS = 1e-5  # added to the per-bin std in Z-normalisation
@@ -60,6 +62,10 @@ class SpectrogramPreset:
     def samples(self) -> int:
         """Samples in one un-jittered window (frames * hop_length)."""
         return self.frames * self.hop_length
+
+
+class SpectrogramStatsError(AvidfastError, ValueError):
+    """A spectrogram statistics file that cannot be read or belongs to another preset."""
 
 
 PRESETS = {
@@ -255,9 +261,10 @@ class SpectrogramStats:
                             torch.from_numpy(data["mean"]).float().reshape(-1),
                             torch.from_numpy(data["std"]).float().reshape(-1), 0 if foreign else int(data["count"]))
         except (OSError, KeyError, ValueError) as error:
-            raise ValueError(f"spectrogram stats {path}: cannot read ({error}); recreate it with `avidfast stats`") from None
+            raise SpectrogramStatsError(f"spectrogram stats {path}: cannot read ({error}); recreate it with "
+                                        "`avidfast stats`") from None
         if preset is not None and (stats.preset != preset.name or stats.mean.numel() != preset.bins):
-            raise ValueError(
+            raise SpectrogramStatsError(
                 f"spectrogram stats {path} are for preset '{stats.preset}' ({stats.mean.numel()} bins), "
                 f"not '{preset.name}' ({preset.bins} bins); run `avidfast stats` with --audio-preset {preset.name}"
             )

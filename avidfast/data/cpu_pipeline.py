@@ -249,18 +249,32 @@ class CPULoader:
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         self.bad_samples, self.seen, self.bad_files = 0, 0, []
         allowed = self.max_bad_fraction * len(self.loader.sampler)
-        for batch in self.loader:
-            failures = [tuple(line.split("\t", 1)) for text in batch.pop("failures") for line in text.splitlines()]
-            self.seen += batch["index"].numel()
-            if failures:
-                for path, reason in failures:
-                    log.warning("bad sample %s: %s; replaced by another video", path, reason)
-                self.bad_files.extend(failures)
-                self.bad_samples += len(failures)
-                if self.bad_samples > allowed:
-                    raise TooManyBadSamples(
-                        f"{self.bad_samples} bad samples after {self.seen} of {len(self.loader.sampler)} this epoch, "
-                        f"more than max_bad_fraction={self.max_bad_fraction}; see the warnings above for each file "
-                        "and reason, fix or drop them (avidfast prepare writes rejected.csv), or raise max_bad_fraction"
-                    )
-            yield batch
+        try:
+            for batch in self.loader:
+                failures = [tuple(line.split("\t", 1)) for text in batch.pop("failures") for line in text.splitlines()]
+                self.seen += batch["index"].numel()
+                if failures:
+                    for path, reason in failures:
+                        log.warning("bad sample %s: %s; replaced by another video", path, reason)
+                    self.bad_files.extend(failures)
+                    self.bad_samples += len(failures)
+                    if self.bad_samples > allowed:
+                        raise TooManyBadSamples(
+                            f"{self.bad_samples} bad samples after {self.seen} of {len(self.loader.sampler)} this "
+                            f"epoch, more than max_bad_fraction={self.max_bad_fraction}; see the warnings above for "
+                            "each file and reason, fix or drop them (avidfast prepare writes rejected.csv), or raise "
+                            "max_bad_fraction"
+                        )
+                yield batch
+        except SampleFailed as error:
+            raise SampleFailed(_worker_message(str(error), SampleFailed)) from None
+
+
+def _worker_message(text: str, kind: type) -> str:
+    """The message of a ``kind`` error a DataLoader worker raised: DataLoader re-raises it with the
+    worker's traceback in front (ending ``module.Kind: message``); in-process errors pass unchanged."""
+    marker = f"{kind.__name__}: "
+    at = text.rfind(marker)
+    if "Original Traceback" not in text or at < 0:
+        return text
+    return text[at + len(marker):].strip()

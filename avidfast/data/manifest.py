@@ -58,23 +58,25 @@ class Manifest:
 
     @property
     def classes(self) -> List[str]:
-        """Sorted distinct labels; a label's class index is its position here."""
-        if not self.has_labels:
+        """Distinct labels of the labelled rows in natural order (integers by value, then names): a
+        label's class index is its position here, in every protocol. ``[]`` without a label column."""
+        if "label" not in self.columns:
             return []
-        return sorted({str(r["label"]) for r in self.rows}, key=_natural_key)
+        return sorted({str(r["label"]) for r in self.rows if r.get("label") not in (None, "")}, key=_natural_key)
 
-    def label_indices(self, classes: Optional[Sequence[str]] = None) -> List[int]:
-        """Class index of every row (requires labels): its position in ``classes`` (default:
-        this manifest's own sorted ``classes``; pass the training manifest's to index a test
-        manifest the same way)."""
-        if not self.has_labels:
+    def label_indices(self, classes: Optional[Sequence[str]] = None, unlabelled: Optional[int] = None) -> List[int]:
+        """Class index of every row: its position in ``classes`` (default: this manifest's own
+        ``classes``; pass the training manifest's to index a test manifest the same way). Every row
+        needs a label, unless ``unlabelled`` is given: rows without one then get that value (e.g. -1)."""
+        if not (self.has_labels or (unlabelled is not None and "label" in self.columns)):
             raise ManifestError("this manifest has no 'label' column (or some rows have no label)")
         lookup = {str(name): i for i, name in enumerate(self.classes if classes is None else classes)}
-        unknown = sorted({str(r["label"]) for r in self.rows} - set(lookup), key=_natural_key)
+        labelled = [str(r["label"]) if r.get("label") not in (None, "") else None for r in self.rows]
+        unknown = sorted({label for label in labelled if label is not None} - set(lookup), key=_natural_key)
         if unknown:
             raise ManifestError(f"labels {unknown[:5]} are not among the {len(lookup)} given classes "
                                 "(is this manifest from the same data set as the training one?)")
-        return [lookup[str(r["label"])] for r in self.rows]
+        return [unlabelled if label is None else lookup[label] for label in labelled]
 
 
 def _natural_key(text: str):

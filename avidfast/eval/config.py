@@ -97,6 +97,7 @@ class EvalConfig:
             "optim.optimizer": (self.optim.optimizer, ("adam", "sgd")),
             "linear.pool": (self.linear.pool, ("max", "mean")),
             "run.precision": (self.run.precision, ("auto", "bf16", "fp32")),
+            "data.audio.preset": (self.data.audio.preset, ("table5", "table6", "reference")),
         }
         positive = {
             "optim.batch_size": self.optim.batch_size, "optim.epochs": self.optim.epochs,
@@ -110,6 +111,12 @@ class EvalConfig:
             raise ConfigError(f"data.test_fraction must be between 0 and 1, got {self.data.test_fraction}")
         if not 0 <= self.finetune.dropout < 1:
             raise ConfigError(f"finetune.dropout must be in [0, 1), got {self.finetune.dropout}")
+        if not self.data.video.fps > 0:
+            raise ConfigError(f"data.video.fps must be positive, got {self.data.video.fps}")
+        if not 0 < self.data.video.min_area <= 1:
+            raise ConfigError(f"data.video.min_area must be in (0, 1], got {self.data.video.min_area}")
+        if not 0 <= self.data.max_bad_fraction <= 1:
+            raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.data.max_bad_fraction}")
         if self.data.workers < 0:
             raise ConfigError(f"data.workers must be 0 or more, got {self.data.workers}")
         if not self.data.train_manifest:

@@ -1,8 +1,10 @@
 """Labelled data for the evaluation protocols: train / test manifests, their loaders, the device.
 
 A protocol reads a training manifest and a test manifest with labels (or one manifest split by
-video, stratified per class). Class indices follow the training manifest's sorted labels; the
-test manifest is indexed with the same classes, so a label missing from training is an error.
+video, stratified per class: :func:`stratified_split`, also the demo's split). Class indices are
+positions in the training manifest's ``Manifest.classes`` (every protocol, the memory probe
+included); the test manifest is indexed with the same classes, so a label missing from training is
+an error.
 """
 import logging
 from dataclasses import dataclass
@@ -11,6 +13,7 @@ from typing import List, Optional
 import torch
 
 from avidfast.data.manifest import Manifest, ManifestError, read_manifest
+from avidfast.errors import EvalError
 from avidfast.eval.config import EvalConfig
 
 log = logging.getLogger("avidfast")
@@ -26,8 +29,9 @@ class LabelledSplit:
 
 
 def stratified_split(labels: torch.Tensor, test_fraction: float, seed: int):
-    """Per class, ``round(test_fraction * n_c)`` videos (at least one when ``n_c > 1``) go to the test
-    side. ``labels`` (N,) int64 -> (train_rows, test_rows), each sorted int64."""
+    """Per class, ``round(test_fraction * n_c)`` videos (at least one and at most ``n_c - 1`` when
+    ``n_c > 1``), drawn with a generator seeded by ``seed``, go to the test side. ``labels`` (N,)
+    int64 -> (train_rows, test_rows), each sorted int64. The one stratified split of avidfast."""
     generator = torch.Generator().manual_seed(seed)
     train, test = [], []
     for c in labels.unique().tolist():
@@ -104,17 +108,33 @@ def test_loader(cfg: EvalConfig, manifest: Manifest, classes: Optional[List[str]
                      world_size=world, drop_last=False, max_bad_fraction=cfg.data.max_bad_fraction)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> this process's GPU when CUDA is visible (cuda:LOCAL_RANK under torchrun), else CPU."""
+def resolve_device(name: str, option: str = "run.device") -> torch.device:
+    """``auto`` -> this process's GPU when CUDA is visible (cuda:LOCAL_RANK under torchrun), else CPU;
+    ``cuda`` without an index -> this process's GPU too (torch.cuda.set_device needs an index).
+
+    A name that is not a device, or a CUDA device that is not visible, raises EvalError naming
+    ``option``: a config key (``run.device=cuda: ...; use --set run.device=cpu``) or a command-line
+    option starting with ``--`` (``--device cuda: ...; use --device cpu``).
+    """
     import os
 
+    where, cpu = (f"{option} {name}", f"{option} cpu") if option.startswith("--") else (
+        f"{option}={name}", f"--set {option}=cpu")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"run.device={name}: no CUDA device is visible; use --set run.device=cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EvalError(f"{where}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EvalError(f"{where}: no CUDA device is visible; use {cpu}")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device.index >= torch.cuda.device_count():
+            raise EvalError(f"{where}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return device
 
 

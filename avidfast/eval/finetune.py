@@ -23,10 +23,11 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from avidfast.distributed import all_reduce_sum
+from avidfast.distributed import all_gather_rows, all_reduce_sum
+from avidfast.errors import EvalError
 from avidfast.eval.config import EvalConfig
 from avidfast.eval.data import labelled_split, test_loader, train_loader
-from avidfast.eval.features import video_labels, video_level
+from avidfast.eval.features import video_level_accuracy
 from avidfast.eval.run import EvalRun
 
 log = logging.getLogger("avidfast")
@@ -129,14 +130,14 @@ def run_finetune(cfg: EvalConfig, video_encoder: torch.nn.Module, run: EvalRun) 
     dropout + linear classifier on ``cfg``'s training manifest and tests it on its test manifest.
 
     Returns a :class:`FinetuneResult`; rank 0 also writes ``<run.run_dir>/finetuned.pt``. Raises
-    ManifestError / ValueError naming the manifest or the setting at fault.
+    ManifestError / EvalError naming the manifest or the setting at fault.
     """
     started = time.perf_counter()
     split = labelled_split(cfg)
     num_classes = len(split.classes)
     loader = train_loader(cfg, split, run.rank, run.world)
     if len(loader) == 0:
-        raise ValueError(f"{cfg.data.train_manifest}: fewer training clips than one batch of {cfg.optim.batch_size} "
+        raise EvalError(f"{cfg.data.train_manifest}: fewer training clips than one batch of {cfg.optim.batch_size} "
                          "per process; lower optim.batch_size")
     encoder = copy.deepcopy(video_encoder)
     for p in encoder.parameters():
@@ -225,14 +226,10 @@ def run_finetune(cfg: EvalConfig, video_encoder: torch.nn.Module, run: EvalRun) 
             scores.append(logits.float().softmax(dim=1).cpu())
             index.append(batch["index"].cpu())
             label.append(batch["label"].cpu())
-    scores_all = run.gather(torch.cat(scores))
-    index_all = run.gather(torch.cat(index))
-    label_all = run.gather(torch.cat(label))
-    _, mean = video_level(scores_all, index_all)
-    _, target = video_labels(label_all, index_all)
+    scores_all, index_all, label_all = all_gather_rows([torch.cat(scores), torch.cat(index), torch.cat(label)])
     return FinetuneResult(
         clip_top1=float((scores_all.argmax(dim=1) == label_all).double().mean()),
-        video_top1=float((mean.argmax(dim=1) == target).double().mean()),
+        video_top1=video_level_accuracy(scores_all, index_all, label_all),
         train_loss=train_loss, train_top1=train_top1, lr=lrs, chance=1.0 / num_classes, num_classes=num_classes,
         num_train=cfg.optim.epochs * len(loader) * cfg.optim.batch_size * run.world,
         num_test=int(index_all.numel()), num_test_videos=int(index_all.unique().numel()),

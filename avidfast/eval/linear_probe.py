@@ -18,9 +18,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from avidfast.eval.features import FeatureSet, video_labels, video_level
+from avidfast.eval.features import FeatureSet, video_level_accuracy
 
-__all__ = ["LinearProbe", "ProbeResult", "as_feature_set", "predict_proba", "train_linear_probe"]
+__all__ = ["LinearProbe", "LinearProbeResult", "as_feature_set", "predict_proba", "train_linear_probe"]
 
 # The Kinetics schedule of Table 4 (20 epochs, decay x0.3 at 8, 12, 15, 18), as fractions of the run.
 PAPER_MILESTONES = (0.4, 0.6, 0.75, 0.9)
@@ -77,7 +77,7 @@ class LinearProbe(torch.nn.Module):
 
 
 @dataclass
-class ProbeResult:
+class LinearProbeResult:
     """Top-1 accuracies (fractions in [0, 1]) of the per-block linear probes.
 
     ``clip_top1[b]`` / ``video_top1[b]``: test accuracy of block b's probe per clip and per
@@ -182,7 +182,7 @@ def train_linear_probe(
     standardize: bool = True,
     device: Union[str, torch.device] = "cpu",
     eval_batch_size: int = 8192,
-) -> ProbeResult:
+) -> LinearProbeResult:
     """Trains one linear classifier per block on ``train`` and scores them on ``test``.
 
     Args:
@@ -261,7 +261,7 @@ def train_linear_probe(
     model.eval()
     train_top1, _ = _score(model, blocks, train_set, device, eval_batch_size)
     clip_top1, video_top1 = _score(model, blocks, test_set, device, eval_batch_size)
-    return ProbeResult(
+    return LinearProbeResult(
         blocks=blocks,
         clip_top1=clip_top1,
         video_top1=video_top1,
@@ -296,12 +296,9 @@ def predict_proba(model: LinearProbe, data: FeatureSet, device: Union[str, torch
 
 def _score(model: LinearProbe, blocks: List[str], data: FeatureSet, device, batch_size: int):
     probs = predict_proba(model, data, device, batch_size)
-    label = data.label.cpu()
-    _, video_target = video_labels(label, data.index.cpu())
+    label, index = data.label.cpu(), data.index.cpu()
     clip, video = {}, {}
     for b in blocks:
         clip[b] = float((probs[b].argmax(dim=1) == label).double().mean())
-        _, mean = video_level(probs[b], data.index.cpu())
-        video[b] = float((mean.argmax(dim=1) == video_target).double().mean())
+        video[b] = video_level_accuracy(probs[b], index, label)
     return clip, video
-

@@ -19,10 +19,13 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
+from avidfast.config import ConfigError
+from avidfast.distributed import all_gather_rows
+from avidfast.errors import EvalError
 from avidfast.eval.config import EvalConfig
 from avidfast.eval.data import labelled_split, test_loader, train_loader
-from avidfast.eval.features import pool_map, video_labels, video_level
-from avidfast.eval.linear_probe import LinearProbe, ProbeResult
+from avidfast.eval.features import pool_map, video_level_accuracy
+from avidfast.eval.linear_probe import LinearProbe, LinearProbeResult
 from avidfast.eval.run import EvalRun
 
 log = logging.getLogger("avidfast")
@@ -37,9 +40,9 @@ def _block_features(encoder, video: torch.Tensor, blocks: List[str], pool: str, 
     return {b: pool_map(maps[b], pool).float() for b in blocks}
 
 
-def run_linear_eval(cfg: EvalConfig, encoder: torch.nn.Module, run: EvalRun) -> ProbeResult:
+def run_linear_eval(cfg: EvalConfig, encoder: torch.nn.Module, run: EvalRun) -> LinearProbeResult:
     """Trains and tests the per-block linear probes of ``cfg`` on the frozen video ``encoder``
-    (anything with ``features(x) -> {block: map}``); returns a ProbeResult (fractions in [0, 1])."""
+    (anything with ``features(x) -> {block: map}``); returns a LinearProbeResult (fractions in [0, 1])."""
     started = time.perf_counter()
     split = labelled_split(cfg)
     num_classes = len(split.classes)
@@ -48,7 +51,7 @@ def run_linear_eval(cfg: EvalConfig, encoder: torch.nn.Module, run: EvalRun) -> 
         p.requires_grad_(False)
     loader = train_loader(cfg, split, run.rank, run.world)
     if len(loader) == 0:
-        raise ValueError(f"{cfg.data.train_manifest}: fewer training clips than one batch of {cfg.optim.batch_size} "
+        raise EvalError(f"{cfg.data.train_manifest}: fewer training clips than one batch of {cfg.optim.batch_size} "
                          "per process; lower optim.batch_size")
     loader.set_epoch(0)
     first = next(iter(loader))
@@ -57,7 +60,7 @@ def run_linear_eval(cfg: EvalConfig, encoder: torch.nn.Module, run: EvalRun) -> 
     blocks = list(cfg.linear.blocks) or list(maps)
     missing = [b for b in blocks if b not in maps]
     if missing:
-        raise ValueError(f"linear.blocks: {missing} are not blocks of this encoder (it has {list(maps)})")
+        raise ConfigError(f"linear.blocks: {missing} are not blocks of this encoder (it has {list(maps)})")
     dims = {b: pool_map(maps[b], cfg.linear.pool).shape[1] for b in blocks}
     torch.manual_seed(cfg.seed)
     probe = LinearProbe(dims, num_classes, standardize=False).to(run.device)
@@ -134,17 +137,14 @@ def run_linear_eval(cfg: EvalConfig, encoder: torch.nn.Module, run: EvalRun) -> 
                 scores[b].append(logits[b].softmax(dim=1).cpu())
             index.append(batch["index"].cpu())
             label.append(batch["label"].cpu())
-    index_all = run.gather(torch.cat(index))
-    label_all = run.gather(torch.cat(label))
+    index_all, label_all, *gathered = all_gather_rows([torch.cat(index), torch.cat(label)] +
+                                                      [torch.cat(scores[b]) for b in blocks])
     clip_top1, video_top1 = {}, {}
-    for b in blocks:
-        s = run.gather(torch.cat(scores[b]))
+    for b, s in zip(blocks, gathered):
         clip_top1[b] = float((s.argmax(dim=1) == label_all).double().mean())
-        _, mean = video_level(s, index_all)
-        _, target = video_labels(label_all, index_all)
-        video_top1[b] = float((mean.argmax(dim=1) == target).double().mean())
+        video_top1[b] = video_level_accuracy(s, index_all, label_all)
     best = max(blocks, key=lambda b: (video_top1[b], clip_top1[b], -blocks.index(b)))
-    return ProbeResult(
+    return LinearProbeResult(
         blocks=blocks, clip_top1=clip_top1, video_top1=video_top1, train_top1=train_top1, train_loss=train_loss,
         best_block=best, chance=1.0 / num_classes, num_classes=num_classes,
         num_train=cfg.optim.epochs * len(loader) * cfg.optim.batch_size * run.world,

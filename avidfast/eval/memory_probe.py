@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from avidfast.errors import EvalError
 from avidfast.eval.features import FeatureSet
 from avidfast.eval.linear_probe import train_linear_probe
 
@@ -68,12 +69,13 @@ class MemoryProbeResult:
 
 def split_rows(num_rows: int, train_fraction: float, seed: int, repeat: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(train, validation) row positions of repeat ``repeat``: a random permutation seeded by
-    (seed, repeat), its first ``round(train_fraction * num_rows)`` rows for training, both sorted."""
+    (seed, repeat), its first ``round(train_fraction * num_rows)`` rows for training, both sorted.
+    A fraction outside (0, 1), or one that leaves a side empty, raises EvalError."""
     if not 0 < train_fraction < 1:
-        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+        raise EvalError(f"train_fraction must be in (0, 1), got {train_fraction}")
     num_train = int(round(train_fraction * num_rows))
     if not 0 < num_train < num_rows:
-        raise ValueError(f"{num_rows} rows cannot be split {train_fraction:.2f}/{1 - train_fraction:.2f} "
+        raise EvalError(f"{num_rows} rows cannot be split {train_fraction:.2f}/{1 - train_fraction:.2f} "
                          "with both parts non-empty")
     key = int(np.random.SeedSequence([int(seed), int(repeat), 0x3E3]).generate_state(1, np.uint64)[0] >> 1)
     order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(key))

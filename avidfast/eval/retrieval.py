@@ -109,28 +109,6 @@ def embed_clips(model: torch.nn.Module, loader: Iterable[Mapping[str, torch.Tens
     return ClipEmbeddings(torch.cat(video), torch.cat(audio), torch.cat(index), torch.cat(label) if label else None)
 
 
-def gather_to_rank0(embeddings: ClipEmbeddings) -> Optional[ClipEmbeddings]:
-    """Under torch.distributed, every rank's clips concatenated in rank order on rank 0 (``None``
-    on the other ranks); without a process group, ``embeddings`` itself."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return embeddings
-    rank = dist.get_rank()
-    parts: Optional[List[ClipEmbeddings]] = None
-    if rank == 0:
-        parts = [None] * dist.get_world_size()  # type: ignore[list-item]
-    dist.gather_object(embeddings, parts, dst=0)
-    if rank != 0:
-        return None
-    labelled = [p.label is not None for p in parts]
-    if any(labelled) and not all(labelled):
-        raise ValueError("some ranks have labels and others do not")
-    return ClipEmbeddings(torch.cat([p.video for p in parts]), torch.cat([p.audio for p in parts]),
-                          torch.cat([p.index for p in parts]),
-                          torch.cat([p.label for p in parts]) if all(labelled) else None)
-
-
 def _unit_rows(x: torch.Tensor, name: str) -> torch.Tensor:
     """(N, D) float rows, L2-normalised; float64 stays float64, other floats become float32."""
     if x.dim() != 2 or x.shape[0] < 1:

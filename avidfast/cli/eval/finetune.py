@@ -1,13 +1,11 @@
 """`avidfast eval finetune`: the whole video encoder fine-tuned on UCF-101 / HMDB-51 (Table 4)."""
 import argparse
 
-from avidfast.cli.eval.options import add_checkpoint_options, add_config_options, run_config_protocol
+from avidfast.cli.eval.options import add_checkpoint_options, add_config_options, run_config_command
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from avidfast.eval.finetune import run_finetune
-
-    run_config_protocol(args, "finetune", run_finetune)
+    run_config_command(args, "finetune")
 
 
 def register(protocols) -> None:

@@ -1,13 +1,11 @@
 """`avidfast eval linear`: linear probes per block on the frozen video encoder (Table 1)."""
 import argparse
 
-from avidfast.cli.eval.options import add_checkpoint_options, add_config_options, run_config_protocol
+from avidfast.cli.eval.options import add_checkpoint_options, add_config_options, run_config_command
 
 
 def _linear(args: argparse.Namespace) -> None:
-    from avidfast.eval.linear_protocol import run_linear_eval
-
-    run_config_protocol(args, "linear", run_linear_eval)
+    run_config_command(args, "linear")
 
 
 def register(protocols) -> None:

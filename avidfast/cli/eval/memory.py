@@ -1,51 +1,17 @@
 """`avidfast eval memory`: linear classifiers on the memory-bank rows (Table 2)."""
 import argparse
-import os
 
-from avidfast.cli.common import UserError, positive_int, read_manifest
-from avidfast.cli.eval.options import add_checkpoint_options, load_pretrained_or_exit
+from avidfast.cli.common import positive_int
+from avidfast.cli.eval.options import add_checkpoint_options
 
 
 def _memory(args: argparse.Namespace) -> None:
-    from avidfast.eval.memory_probe import memory_probe
-    from avidfast.eval.run import start_run
+    from avidfast.eval.memory_protocol import MemoryProbeSettings, run_memory_probe
 
-    pretrained = load_pretrained_or_exit(args, args.seed)
-    if pretrained.video_bank is None or pretrained.audio_bank is None:
-        raise UserError(f"{args.checkpoint}: holds no memory banks")
-    labels_path = args.labels
-    if labels_path is None:
-        cfg = pretrained.train_config
-        if cfg is None or not cfg.data.manifest:
-            raise UserError("--labels: required (the training manifest, with labels, whose rows are the bank's slots)")
-        labels_path = cfg.data.manifest
-    manifest = read_manifest(labels_path, args.root)
-    n = pretrained.video_bank.shape[0]
-    if len(manifest) != n:
-        raise UserError(f"--labels {labels_path}: {len(manifest)} rows, but the banks have {n} slots; "
-                        "pass the manifest the model was trained on")
-    if "label" not in manifest.columns:
-        raise UserError(f"--labels {labels_path}: no 'label' column")
-    classes = sorted({str(r["label"]) for r in manifest.rows if r.get("label") not in (None, "")})
-    lookup = {c: i for i, c in enumerate(classes)}
-    labels = [lookup[str(r["label"])] if r.get("label") not in (None, "") else -1 for r in manifest.rows]
-    if len(classes) < 2:
-        raise UserError(f"--labels {labels_path}: needs at least 2 classes, has {len(classes)}")
-    name = args.name or "memory"
-    out = args.out or os.path.join("runs", "eval", name)
-    settings = {"repeats": args.repeats, "train_fraction": args.train_fraction, "epochs": args.epochs, "lr": args.lr,
-                "weight_decay": args.weight_decay, "seed": args.seed, "labels": labels_path}
-    try:
-        run = start_run(out, settings, args.device, "fp32", {"checkpoint": pretrained.info, "protocol": "memory"},
-                        args.seed)
-    except (ValueError, RuntimeError) as error:
-        raise UserError(f"--device {args.device}: {error}") from None
-    result = memory_probe(pretrained.video_bank.float(), pretrained.audio_bank.float(), labels,
-                          repeats=args.repeats, train_fraction=args.train_fraction, seed=args.seed,
-                          epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, device=run.device)
-    what = "random banks" if args.random_init else "trained banks"
-    table = f"memory probe ({what}, {args.checkpoint})\n{result.format()}"
-    run.finish({"protocol": "memory", "checkpoint": pretrained.info, **result.to_dict()}, table)
+    run_memory_probe(MemoryProbeSettings(
+        checkpoint=args.checkpoint, labels=args.labels, root=args.root, random_init=args.random_init,
+        trust=args.trust, repeats=args.repeats, train_fraction=args.train_fraction, epochs=args.epochs, lr=args.lr,
+        weight_decay=args.weight_decay, seed=args.seed, device=args.device, name=args.name, out=args.out))
 
 
 def register(protocols) -> None:

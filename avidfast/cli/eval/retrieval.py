@@ -1,11 +1,9 @@
 """`avidfast eval retrieval`: cross-modal recall@k and k-NN classification from the embeddings."""
 import argparse
-import dataclasses
-import os
-from typing import List, Optional
+from typing import List
 
-from avidfast.cli.common import UserError, check_device, non_negative_int, positive_int, read_manifest
-from avidfast.cli.eval.options import add_checkpoint_options, load_pretrained_or_exit
+from avidfast.cli.common import non_negative_int, positive_int
+from avidfast.cli.eval.options import add_checkpoint_options
 from avidfast.data.audio import PRESETS as AUDIO_PRESETS
 
 
@@ -29,106 +27,15 @@ def positive_float(text: str) -> float:
     return value
 
 
-def _data_section(args: argparse.Namespace, pretrained):
-    """The EvalDataSection of the run: clip shape and audio preset / stats from the checkpoint's
-    training config, each overridable by an option (required for reference checkpoints)."""
-    from avidfast.eval.config import EvalDataSection
-    from avidfast.config import AudioSection
-
-    data = EvalDataSection(train_manifest=args.train_manifest, test_manifest=args.manifest, root=args.root,
-                           workers=args.workers, clips_per_video=args.clips_per_video)
-    trained = pretrained.train_config
-    if trained is None:
-        missing = [name for name, value in (("--frames", args.frames), ("--crop", args.crop),
-                                            ("--audio-preset", args.audio_preset)) if value is None]
-        if missing:
-            raise UserError(f"--checkpoint {args.checkpoint}: a reference checkpoint holds no training config to "
-                            f"take the clip shape from; pass {', '.join(missing)} (Table 5 networks: --frames 16 "
-                            "--crop 112 --audio-preset table5; Table 6: --frames 8 --crop 224 --audio-preset table6)")
-        video, audio = data.video, AudioSection()
-    else:
-        video, audio = trained.data.video, trained.data.audio
-    data.video = dataclasses.replace(data.video, frames=args.frames or video.frames, fps=args.fps or video.fps,
-                                     crop=args.crop or video.crop)
-    stats, stats_from = audio.stats, "the checkpoint's training config (data.audio.stats)"
-    if args.audio_stats is not None:
-        stats, stats_from = (None if args.audio_stats.lower() == "none" else args.audio_stats), "--audio-stats"
-    if stats is not None and not os.path.isfile(stats):
-        raise UserError(f"{stats_from}: spectrogram statistics {stats}: no such file; pass --audio-stats PATH "
-                        "(or --audio-stats none to skip the normalisation)")
-    data.audio = AudioSection(preset=args.audio_preset or audio.preset, stats=stats)
-    return data
-
-
-def _check_audio(manifest, option: str, path: str) -> None:
-    """Refuses a manifest whose first video has no readable audio stream (retrieval needs both)."""
-    from avidfast.data.probe import probe
-
-    found = probe(manifest.audio_path(0), check="header")
-    if found.error or not found.has_audio:
-        reason = found.error or "no audio stream"
-        raise UserError(f"{option} {path}: row 1 ({manifest.rows[0]['path']}): {reason}; retrieval needs the sound "
-                        "of every video (`avidfast prepare` rejects files without audio)")
-
-
-def _labels(train, test, args: argparse.Namespace) -> Optional[List[str]]:
-    """The class list of k-NN (the training manifest's), after checking both manifests' labels."""
-    from avidfast.data.manifest import ManifestError
-
-    if train is None:
-        return None
-    for manifest, option, path in ((train, "--train-manifest", args.train_manifest),
-                                   (test, "--manifest", args.manifest)):
-        if not manifest.has_labels:
-            raise UserError(f"{option} {path}: k-NN needs a 'label' on every row (leave out --train-manifest "
-                            "for retrieval only)")
-    try:
-        test.label_indices(train.classes)
-    except ManifestError as error:
-        raise UserError(f"--manifest {args.manifest}: {error}") from None
-    return train.classes
-
-
 def _retrieval(args: argparse.Namespace) -> None:
-    from avidfast.data.cpu_pipeline import SampleFailed, TooManyBadSamples
-    from avidfast.eval.config import EvalConfig, EvalOptimSection
-    from avidfast.eval.data import test_loader
-    from avidfast.eval.retrieval import embed_clips, evaluate_retrieval, gather_to_rank0
-    from avidfast.eval.run import start_run
+    from avidfast.eval.retrieval_protocol import RetrievalSettings, run_retrieval
 
-    test = read_manifest(args.manifest, args.root)
-    train = read_manifest(args.train_manifest, args.root) if args.train_manifest else None
-    classes = _labels(train, test, args)
-    _check_audio(test, "--manifest", args.manifest)
-    if train is not None:
-        _check_audio(train, "--train-manifest", args.train_manifest)
-    check_device(args.device)
-    pretrained = load_pretrained_or_exit(args, args.seed)
-    name = args.name or "retrieval"
-    cfg = EvalConfig(name=name, seed=args.seed, out_dir=args.out, data=_data_section(args, pretrained),
-                     optim=EvalOptimSection(batch_size=args.batch))
-    settings = {"protocol": "retrieval", "checkpoint": args.checkpoint, "random_init": args.random_init,
-                "ks": args.k, "knn_k": args.knn_k, "temperature": args.knn_temperature, "batch": args.batch,
-                "seed": args.seed, "data": dataclasses.asdict(cfg.data)}
-    run = start_run(cfg.run_dir, settings, args.device, "fp32",
-                    {"checkpoint": pretrained.info, "protocol": "retrieval"}, args.seed)
-    model = pretrained.model.to(run.device)
-    progress = not args.no_progress and run.rank == 0
-    try:
-        embedded = {}
-        for key, manifest in (("test", test), ("train", train)):
-            if manifest is not None:
-                loader = test_loader(cfg, manifest, classes, run.rank, run.world)
-                embedded[key] = gather_to_rank0(embed_clips(model, loader, run.device, progress))
-        if run.rank != 0:
-            return
-        result = evaluate_retrieval(embedded["test"], embedded.get("train"), args.k, args.knn_k, args.knn_temperature,
-                                    len(classes) if classes else None, run.device)
-    except (ValueError, TooManyBadSamples, SampleFailed) as error:
-        raise UserError(str(error).strip().splitlines()[-1]) from None  # a worker's error ends with its message
-    what = "random-init" if args.random_init else "trained"
-    table = f"retrieval ({what} {args.checkpoint})\n{result.format()}"
-    run.finish({"protocol": "retrieval", "checkpoint": pretrained.info, "classes": classes, **result.to_dict()}, table)
+    run_retrieval(RetrievalSettings(
+        checkpoint=args.checkpoint, manifest=args.manifest, train_manifest=args.train_manifest, root=args.root,
+        random_init=args.random_init, trust=args.trust, clips_per_video=args.clips_per_video, batch=args.batch,
+        workers=args.workers, ks=args.k, knn_k=args.knn_k, knn_temperature=args.knn_temperature, frames=args.frames,
+        fps=args.fps, crop=args.crop, audio_preset=args.audio_preset, audio_stats=args.audio_stats, seed=args.seed,
+        device=args.device, progress=not args.no_progress, name=args.name, out=args.out))
 
 
 def register(protocols) -> None:

@@ -1,5 +1,8 @@
 """`avidfast demo` (and `make demo`): the whole method on a laptop CPU, with nothing downloaded.
 
+An application on the top floor of the package: it uses the data, training and evaluation layers
+(the synthetic set, `train`, the linear and memory probes, retrieval) and nothing below it uses it.
+
 1. writes the synthetic set (real H.264 + AAC clips whose picture and sound share a hidden class);
 2. computes the spectrogram statistics; 3. trains Cross-AVID with the `demo` config;
 4. probes what was learned: a linear classifier per block on frozen video features, and on the
@@ -38,19 +41,6 @@ class DemoSettings:
     held_out_videos: int = 60  # clips of a second synthetic set (seed + 1) for cross-modal retrieval
     progress: bool = True
     overrides: Sequence[str] = ()  # extra ``key=value`` settings of the demo training config
-
-
-def _split_videos(labels: torch.Tensor, train_fraction: float, seed: int):
-    """Stratified split of video rows: per class, train_fraction of the videos train."""
-    generator = torch.Generator().manual_seed(seed)
-    train, test = [], []
-    for c in labels.unique().tolist():
-        rows = (labels == c).nonzero().flatten()
-        rows = rows[torch.randperm(rows.numel(), generator=generator)]
-        cut = int(round(train_fraction * rows.numel()))
-        train.append(rows[:cut])
-        test.append(rows[cut:])
-    return torch.cat(train).sort().values, torch.cat(test).sort().values
 
 
 def _eval_loader(cfg, manifest, settings: "DemoSettings", stats):
@@ -121,6 +111,7 @@ def run_demo(settings: DemoSettings) -> Dict[str, object]:
     from avidfast.data.manifest import read_manifest
     from avidfast.data.stats import compute_stats
     from avidfast.data.synthetic import make_dataset
+    from avidfast.eval.data import stratified_split
     from avidfast.eval.linear_probe import train_linear_probe
     from avidfast.eval.memory_probe import memory_probe
     from avidfast.train import checkpoint as ckpt
@@ -179,8 +170,8 @@ def run_demo(settings: DemoSettings) -> Dict[str, object]:
     log.info("4/5 probes: linear probe per block on frozen video features, memory-bank probe")
     random_model = build_model(cfg)  # the same network at initialisation (before training)
     random_criterion = build_criterion(cfg, len(manifest))
-    labels = torch.tensor(manifest.label_indices())
-    train_videos, test_videos = _split_videos(labels, 0.7, settings.seed)
+    labels = torch.tensor(manifest.label_indices())  # class indices: positions in manifest.classes
+    train_videos, _ = stratified_split(labels, 0.3, settings.seed)  # 70% of each class's videos train the probe
     figures: Dict[str, object] = {"chance": 1.0 / settings.classes, "clips_per_second": clips_per_second}
     for name, net in (("trained", model), ("random", random_model)):
         features = _probe_features(net.eval(), cfg, manifest, settings, stats)
