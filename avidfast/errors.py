@@ -13,3 +13,7 @@ class AvidfastError(Exception):
 
 class ExtensionUnavailableError(AvidfastError, RuntimeError):
     """The compiled operator library avidfast._C is missing or does not match the running torch."""
+
+
+class TrainingError(AvidfastError, RuntimeError):
+    """A problem that stops training (or its start from a checkpoint), with what to do about it."""

@@ -7,8 +7,8 @@
 - memory_probe.py: linear classifiers on memory-bank rows, random 70/30 splits (Table 2)
 - finetune.py: `avidfast eval finetune`, the whole video network (Table 4 UCF / HMDB rows)
 - retrieval.py: cross-modal recall@k and weighted k-NN from the embeddings
-- config.py / data.py / pretrained.py / run.py: protocol configs, labelled loaders, checkpoint
-  loading (avidfast or reference, --random-init), run folders
+- config.py / data.py / run.py: protocol configs, labelled loaders, run folders (checkpoints are
+  loaded by avidfast.checkpoints.pretrained: avidfast or reference, --random-init)
 """
 from avidfast.eval.features import FeatureSet, extract_features, video_level, video_level_accuracy
 from avidfast.eval.linear_probe import LinearProbe, ProbeResult, train_linear_probe

@@ -23,8 +23,8 @@ def add_config_options(parser: argparse.ArgumentParser, shipped) -> None:
 
 
 def load_pretrained_or_exit(args: argparse.Namespace, seed: int = 0):
-    """The checkpoint of --checkpoint, as avidfast.eval.pretrained.Pretrained (UserError when unusable)."""
-    from avidfast.eval.pretrained import PretrainedError, load_pretrained
+    """The checkpoint of --checkpoint, as avidfast.checkpoints.pretrained.Pretrained (UserError when unusable)."""
+    from avidfast.checkpoints.pretrained import PretrainedError, load_pretrained
 
     try:
         return load_pretrained(args.checkpoint, random_init=args.random_init, seed=seed, trust=args.trust)
