@@ -111,7 +111,7 @@ class LossSection:
     temperature: float = 0.07
     momentum: float = 0.5
     bank_dtype: str = "float32"
-    # a checkpoint of the paper's code (avidfast.interop): model, banks and Z start from it
+    # a checkpoint of the paper's code (avidfast.checkpoints.reference): model, banks and Z start from it
     init_from_reference: Optional[str] = None
     # CMA only
     init_from: Optional[str] = None  # AVID checkpoint to start from (Table 3: epoch 200)

@@ -114,9 +114,10 @@ def run_demo(settings: DemoSettings) -> Dict[str, object]:
     from avidfast.eval.data import stratified_split
     from avidfast.eval.linear_probe import train_linear_probe
     from avidfast.eval.memory_probe import memory_probe
-    from avidfast.train import checkpoint as ckpt
+    from avidfast.checkpoints import store as ckpt
+    from avidfast.checkpoints.build import build_criterion, build_model
     from avidfast.config import ConfigError, load_config
-    from avidfast.train.loop import build_criterion, build_model, train
+    from avidfast.train.loop import train
     from avidfast.train.run_folder import setup_logging
 
     out = settings.out_dir

@@ -18,3 +18,7 @@ class ExtensionUnavailableError(AvidfastError, RuntimeError):
 class EvalError(AvidfastError, ValueError):
     """An evaluation that cannot run on the given inputs (a checkpoint without memory banks, labels that
     do not fit it, a device that is not there, too few clips for a batch): the message names the input."""
+
+
+class TrainingError(AvidfastError, RuntimeError):
+    """A problem that stops training (or its start from a checkpoint), with what to do about it."""

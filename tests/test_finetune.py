@@ -13,7 +13,7 @@ from avidfast.cli import main
 from avidfast.data.synthetic import make_dataset
 from avidfast.eval.config import load_eval_config
 from avidfast.eval.finetune import FinetuneClassifier, run_finetune
-from avidfast.eval.pretrained import load_pretrained
+from avidfast.checkpoints.pretrained import load_pretrained
 from avidfast.eval.run import start_run
 from avidfast.config import load_config
 from avidfast.train.loop import train

@@ -1,4 +1,4 @@
-"""Reading checkpoints of the paper's code (avidfast.interop) and training from them."""
+"""Reading checkpoints of the paper's code (avidfast.checkpoints.reference) and training from them."""
 import argparse
 import os
 
@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from avidfast.checkpoints import store as ckpt
+from avidfast.checkpoints.reference import (ReferenceCheckpointError, from_reference_state,
+                                            is_reference_checkpoint, load_reference_checkpoint)
 from avidfast.cli import main as cli_main
-from avidfast.interop import (ReferenceCheckpointError, from_reference_state, is_reference_checkpoint,
-                              load_reference_checkpoint)
 from avidfast.losses import AVIDLoss, CMALoss
-from avidfast.train import checkpoint as ckpt
 
 from conftest import unit_rows
 

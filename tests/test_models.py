@@ -8,7 +8,7 @@ from avidfast.models import (AVModel, AudioEncoder, ProjectionHead, VideoEncoder
 from avidfast.models.audio import AudioBlock
 from avidfast.models.video import R2Plus1DBlock
 from avidfast.config import load_config
-from avidfast.train.loop import build_model
+from avidfast.checkpoints.build import build_model
 
 # The tables as printed in the supplement (avid-cma-supplement.txt, Tables 5 and 6); the fc rows
 # are checked separately (test_heads). Video columns: layer X_s X_t C K_s K_t S_s S_t;

@@ -17,7 +17,7 @@ from avidfast.cli import main
 from avidfast.data.manifest import read_manifest, write_manifest
 from avidfast.eval.retrieval import (ClipEmbeddings, cross_modal_recall, embed_clips, evaluate_retrieval,
                                      knn_classify, knn_predict, true_pair_ranks)
-from avidfast.interop import model_name_map, reference_name
+from avidfast.checkpoints.reference import model_name_map, reference_name
 from avidfast.models.av import AVModel
 
 TINY = [
@@ -271,7 +271,7 @@ def single_run(trained):
 def test_cli_runs_end_to_end_and_matches_brute_force(trained, single_run):
     from avidfast.eval.config import EvalConfig, EvalDataSection
     from avidfast.eval.data import test_loader
-    from avidfast.eval.pretrained import load_pretrained
+    from avidfast.checkpoints.pretrained import load_pretrained
 
     out, printed = single_run
     assert "video -> audio" in printed and "k-NN" in printed and "results:" in printed

@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from avidfast.data.synthetic import make_dataset
-from avidfast.train import checkpoint as ckpt
+from avidfast.checkpoints import store as ckpt
+from avidfast.checkpoints.build import build_criterion, build_model
 from avidfast.config import ConfigError, config_from_dict, load_config, shipped_configs
-from avidfast.train.loop import TrainingError, build_criterion, build_model, train
+from avidfast.data.synthetic import make_dataset
+from avidfast.train.loop import TrainingError, train
 
 TINY = [
     "model.width=4", "data.video.frames=4", "data.video.crop=32", "data.workers=0", "optim.batch_size=4",

@@ -2,13 +2,15 @@
 
 Both steps run the Table 5 (or 6) encoders and heads on the same random clips, backward, and an
 Adam update. The reference-shaped step is float32 with contiguous tensors and the gather / bmm /
-unfused-NCE loss of :class:`avidfast.bench.baselines.GatherCrossAVID`; ours uses the fused
-AVIDLoss plus, per variant, channels_last_3d and bfloat16 autocast, so that the table shows which
-of them helps on the machine at hand. Each variant has its own copy of the model and optimiser.
+unfused-NCE loss of :class:`avidfast.bench.baselines.GatherCrossAVID`; ours is the training
+loop's own step, :class:`avidfast.train.step.TrainStep` (GradScaler included: enabled for float16
+autocast only, as in training), with the fused AVIDLoss plus, per variant, channels_last_3d and
+bfloat16 autocast, so that the table shows which of them helps on the machine at hand. Each
+variant has its own copy of the model and optimiser.
 """
-import contextlib
 import copy
 from dataclasses import dataclass
+
 import torch
 
 from avidfast.bench.baselines import GatherCrossAVID
@@ -16,6 +18,7 @@ from avidfast.bench.suite import Case
 from avidfast.losses import AVIDLoss
 from avidfast.models import AVModel
 from avidfast.models.av import preset_input_shapes
+from avidfast.train.step import TrainStep, to_channels_last
 
 
 @dataclass
@@ -43,22 +46,20 @@ def _inputs(cfg: TrainBenchConfig, device: torch.device):
 
 
 def _ours(model, criterion, inputs, device, channels_last: bool, amp_dtype):
+    """The training loop's TrainStep on one fixed batch (already on the device; in channels-last
+    layouts for the channels_last variants, so the step's conversion finds nothing to do)."""
     video, audio, index = inputs
     if channels_last:
-        model.video.to(memory_format=torch.channels_last_3d)
-        model.audio.to(memory_format=torch.channels_last)
+        to_channels_last(model)
         video = video.contiguous(memory_format=torch.channels_last_3d)
         audio = audio.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-6)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    train_step = TrainStep(model, criterion, optimizer, scaler, device, amp_dtype, channels_last)
+    batch = {"video": video, "audio": audio, "index": index}
 
     def step() -> None:
-        with autocast():
-            v, a = model(video, audio)
-        loss, _ = criterion(v, a, index)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(batch)
 
     return step
 
@@ -87,8 +88,8 @@ def _step_case(ours_kind: str, channels_last: bool, amp_dtype):
             f"step_{ours_kind}",
             f"training step, {cfg.preset} networks (width {cfg.width}), batch {cfg.batch}, video "
             f"{tuple(shapes['video'])}, audio {tuple(shapes['audio'])}, N={cfg.num_items} K={cfg.negatives}: "
-            f"ours = fused AVIDLoss{', channels_last_3d' if channels_last else ''}"
-            f"{', bf16 autocast' if amp_dtype else ', fp32'}; baseline = fp32, contiguous, gather/bmm loss",
+            f"ours = the training loop's step (GradScaler), fused AVIDLoss"
+            f"{', channels_last_3d' if channels_last else ''}{', bf16 autocast' if amp_dtype else ', fp32'}; baseline = fp32, contiguous, gather/bmm loss",
             {"ours": ours, "reference_shaped": reference_shaped},
             memory="resident" if device.type == "cpu" else "allocator",
         )

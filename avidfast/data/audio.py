@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from avidfast.errors import AvidfastError
+from avidfast.files import atomic_write
 
 SAMPLE_RATE = 24000  # Hz, the paper's rate (supplement A)
 AMIN = 1e-10  # power floor before the log, so silence gives -100 dB rather than -inf
@@ -232,20 +233,9 @@ class SpectrogramStats:
     count: int  # spectrogram frames averaged (0: unknown, e.g. the reference implementation's file)
 
     def save(self, path: str) -> None:
-        """Writes an .npz atomically (keys preset, mean, std, count)."""
-        import os
-        import tempfile
-
-        directory = os.path.dirname(os.path.abspath(path)) or "."
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz")
-        os.close(fd)
-        try:
-            np.savez(tmp, preset=self.preset, mean=self.mean.numpy(), std=self.std.numpy(), count=self.count)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        """Writes an .npz atomically (keys preset, mean, std, count), at ``path`` as given."""
+        atomic_write(path, lambda f: np.savez(f, preset=self.preset, mean=self.mean.numpy(), std=self.std.numpy(),
+                                              count=self.count))
 
     @classmethod
     def load(cls, path: str, preset: Optional[SpectrogramPreset] = None) -> "SpectrogramStats":

@@ -16,8 +16,9 @@ and the pieces they are built from:
   aggregation of clip scores and the one video-level accuracy (``video_level_accuracy``)
 - linear_probe.py: linear classifiers per block on cached features (clip / video top-1)
 - memory_probe.py: the memory probe on bank tensors; retrieval.py: recall@k and k-NN on embeddings
-- config.py / data.py / pretrained.py / run.py: protocol configs, labelled loaders and the one
-  stratified split, checkpoint loading (avidfast or reference, --random-init), run folders
+- config.py / data.py / run.py: protocol configs, labelled loaders and the one stratified split, run
+  folders (checkpoints are loaded by avidfast.checkpoints.pretrained: avidfast or reference,
+  --random-init)
 """
 from avidfast.eval.features import FeatureSet, extract_features, video_level, video_level_accuracy
 from avidfast.eval.linear_probe import LinearProbe, LinearProbeResult, train_linear_probe

@@ -203,7 +203,7 @@ def run_finetune(cfg: EvalConfig, video_encoder: torch.nn.Module, run: EvalRun) 
 
     weights = None
     if run.rank == 0:
-        from avidfast.train.checkpoint import save_checkpoint
+        from avidfast.checkpoints.store import save_checkpoint
 
         weights = os.path.join(run.run_dir, WEIGHTS_NAME)
         save_checkpoint(weights, {"model": network.state_dict(), "classes": list(split.classes),

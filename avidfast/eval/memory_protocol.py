@@ -64,7 +64,7 @@ def run_memory_probe(settings: MemoryProbeSettings) -> MemoryProbeResult:
     """
     from avidfast.data.manifest import read_manifest
     from avidfast.eval.memory_probe import memory_probe
-    from avidfast.eval.pretrained import load_pretrained
+    from avidfast.checkpoints.pretrained import load_pretrained
     from avidfast.eval.run import start_run
 
     s = settings

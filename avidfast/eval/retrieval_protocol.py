@@ -131,7 +131,7 @@ def run_retrieval(settings: RetrievalSettings) -> Optional[RetrievalResult]:
     from avidfast.data.manifest import read_manifest
     from avidfast.eval.config import EvalConfig, EvalOptimSection
     from avidfast.eval.data import resolve_device, test_loader
-    from avidfast.eval.pretrained import load_pretrained
+    from avidfast.checkpoints.pretrained import load_pretrained
     from avidfast.eval.retrieval import evaluate_retrieval
     from avidfast.eval.run import start_run
 

@@ -87,7 +87,7 @@ def run_config_protocol(cfg, checkpoint: str, *, random_init: bool = False, trus
     """
     from avidfast.eval.finetune import run_finetune
     from avidfast.eval.linear_protocol import run_linear_eval
-    from avidfast.eval.pretrained import load_pretrained
+    from avidfast.checkpoints.pretrained import load_pretrained
 
     runner = {"linear": run_linear_eval, "finetune": run_finetune}[cfg.protocol]
     pretrained = load_pretrained(checkpoint, random_init=random_init, seed=cfg.seed, trust=trust)

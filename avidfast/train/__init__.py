@@ -1,2 +1,3 @@
-"""Training: configuration (config.py), the loop with AMP / DDP / resume (loop.py), checkpoints
-(checkpoint.py), run folders with provenance and logs (run_folder.py), the CPU demo (demo.py)."""
+"""Training: the loop with AMP / DDP / resume (loop.py), the training step (step.py), the metrics
+sink (metrics.py), run folders with provenance and logs (run_folder.py), the CPU demo (demo.py).
+Checkpoints and model building: avidfast.checkpoints."""

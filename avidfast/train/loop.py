@@ -5,27 +5,32 @@ DistributedDataParallel, the loss all-gathers embeddings to update identical ban
 rank, rank 0 writes logs and checkpoints. Each epoch reads ``samples_per_epoch`` clips in total
 across ranks (Table 3's "es"). A checkpoint is written after every epoch and on SIGTERM / Ctrl-C
 (mid-epoch, with the position reached); ``resume`` continues from it exactly.
+
+:func:`train` reads as the run goes: the previous state (resume), the run folder, the starting
+model and criterion (:func:`_starting_point`: fresh, a reference checkpoint, CMA from AVID, or
+the resumed run), devices and wrappers, then one :func:`_train_epoch` per epoch. The step itself
+is avidfast.train.step.TrainStep; metrics.csv and TensorBoard are avidfast.train.metrics.
 """
-import contextlib
 import math
 import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from avidfast.distributed import init_from_env
-from avidfast.errors import AvidfastError
-from avidfast.train import checkpoint as ckpt
+from avidfast.checkpoints import store as ckpt
+from avidfast.checkpoints.build import build_criterion, build_model, load_reference_init
 from avidfast.config import Config
+from avidfast.distributed import init_from_env
+from avidfast.errors import TrainingError
+from avidfast.train.metrics import MetricsSink
 from avidfast.train.run_folder import setup_logging, write_run_files
+from avidfast.train.step import TrainStep, autocast_dtype, to_channels_last
 
-
-class TrainingError(AvidfastError, RuntimeError):
-    """A problem that stops training, with what to do about it."""
+__all__ = ["TrainResult", "TrainingError", "build_loader", "train"]
 
 
 @dataclass
@@ -66,87 +71,6 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _precision(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
-    choice = cfg.train.precision
-    if choice == "auto":
-        if device.type == "cuda":
-            choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            choice = "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[choice]
-
-
-def build_model(cfg: Config):
-    """The AV model of cfg.model (identical on every rank for the same seed); its audio encoder
-    checks that spectrograms hold cfg.data.audio.preset's frequency bins on dim 2."""
-    from avidfast.models import AVModel
-
-    torch.manual_seed(cfg.seed)
-    return AVModel.from_preset(cfg.model.preset, width=cfg.model.width, embed_dim=cfg.model.embed_dim,
-                               head_layers=cfg.model.head_layers, head_input_norm=cfg.model.head_input_norm,
-                               audio_preset=cfg.data.audio.preset)
-
-
-def build_criterion(cfg: Config, num_items: int, init: Optional[Dict] = None):
-    """AVIDLoss, or CMALoss started from ``init`` (an AVID checkpoint dict)."""
-    from avidfast.losses import AVIDLoss, CMALoss
-
-    cfg.check_num_items(num_items)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.loss.bank_dtype]
-    if cfg.loss.kind == "avid":
-        return AVIDLoss(num_items, dim=cfg.model.embed_dim, num_negatives=cfg.loss.num_negatives,
-                        temperature=cfg.loss.temperature, momentum=cfg.loss.momentum, mode=cfg.loss.mode,
-                        bank_dtype=dtype, seed=cfg.seed)
-    if init is None:
-        raise TrainingError("a CMA criterion needs the AVID checkpoint of loss.init_from")
-    banks = init["criterion"]["video_memory.memory"]
-    if banks.shape[0] != num_items:
-        raise TrainingError(f"loss.init_from has banks of {banks.shape[0]} slots but the manifest has "
-                            f"{num_items} rows: CMA must use the AVID run's manifest")
-    return CMALoss.from_avid(
-        init["criterion"], num_negatives=cfg.loss.num_negatives, num_negatives_within=cfg.loss.num_negatives_within,
-        num_positives=cfg.loss.num_positives, agreement=cfg.loss.agreement, resample_every=cfg.loss.resample_every,
-        temperature=cfg.loss.temperature, momentum=cfg.loss.momentum, seed=cfg.seed,
-    )
-
-
-def load_reference_init(cfg: Config, model, num_items: int, trust: bool = False) -> Optional[Dict]:
-    """Loads cfg.loss.init_from_reference (a checkpoint of the paper's code) into ``model``.
-
-    Returns {"criterion": loss state} (banks (num_items, D), Z; see avidfast.interop) for
-    build_criterion / AVIDLoss.load_state_dict, or None when the file holds no criterion (AVID
-    then starts with fresh banks; CMA cannot start). trust: see load_reference_checkpoint.
-    """
-    from avidfast.interop import ReferenceCheckpointError, load_reference_checkpoint
-
-    path = cfg.loss.init_from_reference
-    try:
-        reference, loss_state, info = load_reference_checkpoint(path, trust=trust)
-    except ReferenceCheckpointError as error:
-        raise TrainingError(f"loss.init_from_reference: {error}") from None
-    try:
-        model.load_state_dict(reference.state_dict())
-    except RuntimeError:
-        norm = ", with a head input norm" if cfg.model.head_input_norm else ""
-        raise TrainingError(
-            f"loss.init_from_reference {path}: its networks are {info['preset']} at width {info['width']} with "
-            f"embed_dim {info['embed_dim']} and {info['head_layers']}-layer heads (no head input norm), but the "
-            f"config builds model.preset={cfg.model.preset}, model.width={cfg.model.width}, "
-            f"model.embed_dim={cfg.model.embed_dim} ({cfg.model.head_layers}-layer heads{norm}); "
-            f"--set model.preset={info['preset']} --set model.width={info['width']} --set model.embed_dim={info['embed_dim']} "
-            f"--set model.head_layers={info['head_layers']} --set model.head_input_norm=false") from None
-    if loss_state is None:
-        if cfg.loss.kind == "cma":
-            raise TrainingError(f"loss.init_from_reference {path}: no train_criterion (memory banks) in the file; "
-                                "CMA starts from the AVID banks")
-        return None
-    if info["num_items"] != num_items:
-        raise TrainingError(f"loss.init_from_reference {path}: its banks have {info['num_items']} slots but the "
-                            f"manifest has {num_items} rows; slot i is row i of the reference's own training list, "
-                            "so use a manifest of the same videos in the same order")
-    return {"criterion": loss_state}
-
-
 def build_loader(cfg: Config, manifest, rank: int, world: int, device: torch.device):
     """The CPU or DALI training loader of cfg.data."""
     from avidfast.data.audio import AudioJitter, SpectrogramStats, get_preset
@@ -185,6 +109,57 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
+@dataclass
+class _Run:
+    """What one call of :func:`train` works with, once built."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    last_path: str
+    num_items: int
+    model: torch.nn.Module  # the AVModel
+    net: torch.nn.Module  # model, under DDP and / or torch.compile when asked
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: Any
+    step: TrainStep
+    metrics: MetricsSink
+    log: Any
+
+    def save(self, epoch: int, batches_done: int, keep: bool = False) -> str:
+        """Writes last.pt (and epoch_NNNN.pt when ``keep``) on rank 0; every rank waits for it."""
+        if self.rank == 0:
+            payload = {
+                "model": ckpt.strip_module_prefix(_unwrap(self.net).state_dict()),
+                "criterion": self.criterion.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": epoch, "batches_done": batches_done,
+                "rng": ckpt.rng_state(), "config": self.cfg.to_dict(),
+                "meta": {"time": time.time(), "world_size": self.world, "num_items": self.num_items},
+            }
+            ckpt.save_checkpoint(self.last_path, payload)
+            if keep:
+                ckpt.save_checkpoint(os.path.join(self.cfg.run_dir, ckpt.CHECKPOINT_DIR, ckpt.epoch_name(epoch)),
+                                     payload)
+        if self.world > 1:
+            dist.barrier()
+        return self.last_path
+
+
+@dataclass
+class _Tally:
+    """What this call of :func:`train` has done so far."""
+
+    started: float  # time.perf_counter() when training started
+    total_batches: int  # batches this call will train if nothing stops it
+    steps: int = 0
+    clips: int = 0  # over all ranks
+    last_loss: float = float("nan")
+    interrupted: bool = False  # stopped by SIGTERM / SIGINT
+
+
 def train(cfg: Config, *, resume: bool = False, max_steps: Optional[int] = None,
           trust_reference: bool = False) -> TrainResult:
     """Runs (or resumes) the training of ``cfg``; returns what was done.
@@ -199,174 +174,171 @@ def train(cfg: Config, *, resume: bool = False, max_steps: Optional[int] = None,
         raise TrainingError("data.manifest is not set: --set data.manifest=PATH (a CSV from `avidfast prepare`)")
     rank, world, local_rank = init_from_env()
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    run_dir = cfg.run_dir
-    last_path = os.path.join(run_dir, ckpt.CHECKPOINT_DIR, ckpt.LAST)
-    state = None
-    if resume:
-        if not os.path.isfile(last_path):
-            raise TrainingError(f"--resume: no checkpoint at {last_path}; start without --resume")
-        state = ckpt.load_checkpoint(last_path)
-    elif os.path.isfile(last_path):
-        raise TrainingError(f"{run_dir} already holds a run ({last_path}); pass --resume to continue it, "
-                            "or choose another --set out_dir=... / name=...")
+    last_path = os.path.join(cfg.run_dir, ckpt.CHECKPOINT_DIR, ckpt.LAST)
+    state = _previous_state(cfg.run_dir, last_path, resume)
     manifest = read_manifest(cfg.data.manifest, cfg.data.root)
     cfg.check_num_items(len(manifest))  # a ConfigError before anything is written to run_dir
-    log = setup_logging(run_dir, rank)
+    log = setup_logging(cfg.run_dir, rank)
     if rank == 0:
-        write_run_files(run_dir, cfg.to_dict(), {"seed": cfg.seed, "world_size": world, "resumed": resume,
-                                                 "num_items": len(manifest)})
+        write_run_files(cfg.run_dir, cfg.to_dict(), {"seed": cfg.seed, "world_size": world, "resumed": resume,
+                                                     "num_items": len(manifest)})
     torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
 
-    model = build_model(cfg)
-    init = None
-    if cfg.loss.init_from_reference and state is None:
-        init = load_reference_init(cfg, model, len(manifest), trust_reference)
-        log.info("%s from the reference checkpoint %s", "model" if init is None else "model, banks and Z",
-                 cfg.loss.init_from_reference)
-    elif cfg.loss.kind == "cma" and state is None:
-        init = ckpt.load_checkpoint(cfg.loss.init_from)
-        model.load_state_dict(ckpt.strip_module_prefix(init["model"]))
-        log.info("CMA starts from %s (epoch %s)", cfg.loss.init_from, init.get("epoch"))
-    elif cfg.loss.kind == "cma":
-        init = {"criterion": state["criterion"]}
-    criterion = build_criterion(cfg, len(manifest), init).to(device)
-    if cfg.loss.kind == "avid" and init is not None:  # banks and Z of a reference checkpoint
-        criterion.load_state_dict(init["criterion"])
-    model = model.to(device)
-    if cfg.train.channels_last:
-        model.video.to(memory_format=torch.channels_last_3d)
-        model.audio.to(memory_format=torch.channels_last)
-    if cfg.train.sync_bn and world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model, criterion = _starting_point(cfg, len(manifest), state, trust_reference, device, log)
+    model = _place(model, cfg, world, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    amp_dtype = _precision(cfg, device)
+    amp_dtype = autocast_dtype(cfg.train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_epoch, skip_batches = 0, 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        criterion.load_state_dict(state["criterion"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        ckpt.set_rng_state(state["rng"])
-        start_epoch, skip_batches = int(state["epoch"]), int(state["batches_done"])
+        start_epoch, skip_batches = _restore(state, model, criterion, optimizer, scaler)
         log.info("resumed from %s: epoch %d, %d batches done", last_path, start_epoch, skip_batches)
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    if cfg.train.compile:
-        net = torch.compile(net)
+    net = _wrap(model, cfg, world, local_rank, device)
     loader = build_loader(cfg, manifest, rank, world, device)
-    writer, metrics = None, None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(os.path.join(run_dir, "tb"))
-        metrics_path = os.path.join(run_dir, "metrics.csv")
-        fresh = not os.path.isfile(metrics_path)
-        metrics = open(metrics_path, "a")
-        if fresh:
-            metrics.write("step,epoch,loss,lr,clips_per_s\n")
+    run = _Run(cfg, rank, world, device, last_path, len(manifest), model, net, criterion, optimizer, scaler, loader,
+               TrainStep(net, criterion, optimizer, scaler, device, amp_dtype, cfg.train.channels_last),
+               MetricsSink(cfg.run_dir, cfg.train.log_every, enabled=rank == 0), log)
     log.info("training %s: %s %s, N=%d, %d process(es), %s, precision %s, %d batches/epoch, epochs %d..%d",
              cfg.name, cfg.loss.kind, cfg.loss.mode if cfg.loss.kind == "avid" else cfg.loss.agreement,
              len(manifest), world, device, amp_dtype or "fp32", len(loader), start_epoch + 1, cfg.optim.epochs)
 
-    def save(epoch: int, batches_done: int, keep: bool = False) -> str:
-        if rank == 0:
-            payload = {
-                "model": ckpt.strip_module_prefix(_unwrap(net).state_dict()),
-                "criterion": criterion.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch, "batches_done": batches_done,
-                "rng": ckpt.rng_state(), "config": cfg.to_dict(),
-                "meta": {"time": time.time(), "world_size": world, "num_items": len(manifest)},
-            }
-            ckpt.save_checkpoint(last_path, payload)
-            if keep:
-                ckpt.save_checkpoint(os.path.join(run_dir, ckpt.CHECKPOINT_DIR, ckpt.epoch_name(epoch)), payload)
-        if world > 1:
-            dist.barrier()
-        return last_path
-
-    steps, last_loss, interrupted, clips, busy = 0, float("nan"), False, 0, 0.0
-    started = time.perf_counter()
-    total_batches = len(loader) * (cfg.optim.epochs - start_epoch) - skip_batches
-    epoch = start_epoch
+    tally = _Tally(time.perf_counter(), len(loader) * (cfg.optim.epochs - start_epoch) - skip_batches)
     with _StopFlag() as stop:
         for epoch in range(start_epoch, cfg.optim.epochs):
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(cfg, epoch)
-            if hasattr(criterion, "set_epoch"):
-                criterion.set_epoch(epoch, progress=cfg.train.progress and rank == 0)
-            loader.set_epoch(epoch, skip_batches=skip_batches)
-            net.train()
-            bar = _progress(len(loader), skip_batches, f"epoch {epoch + 1}/{cfg.optim.epochs}",
-                            cfg.train.progress and rank == 0)
-            batches_done = skip_batches
+            if _train_epoch(run, epoch, skip_batches, tally, stop, max_steps):
+                return _finish(run, epoch, tally)
             skip_batches = 0
-            data_wait = time.perf_counter()
-            for batch in loader:
-                data_time = time.perf_counter() - data_wait
-                t0 = time.perf_counter()
-                video = batch["video"].to(device, non_blocking=True)
-                audio = batch["audio"].to(device, non_blocking=True)
-                index = batch["index"].to(device, non_blocking=True)
-                if cfg.train.channels_last:
-                    video = video.contiguous(memory_format=torch.channels_last_3d)
-                    audio = audio.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
-                    v, a = net(video, audio)
-                loss, logs = criterion(v, a, index)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                steps += 1
-                batches_done += 1
-                last_loss = float(loss.detach())
-                if not math.isfinite(last_loss):
-                    save(epoch, batches_done)
-                    raise TrainingError(f"loss became {last_loss} at epoch {epoch + 1}, batch {batches_done}; "
-                                        "the last checkpoint is kept; try a lower optim.lr or train.precision=fp32")
-                step_time = time.perf_counter() - t0
-                busy += step_time + data_time
-                clips += index.numel() * world
-                if bar is not None:
-                    bar.update(1)
-                    done = steps / max(total_batches, 1)
-                    eta = (time.perf_counter() - started) * (1 - done) / max(done, 1e-9)
-                    bar.set_postfix(loss=f"{last_loss:.4f}", clips_s=f"{index.numel() * world / (step_time + data_time):.1f}",
-                                    run_eta=_hms(eta))
-                global_step = int(criterion.step)
-                if writer is not None and global_step % cfg.train.log_every == 0:
-                    metrics.write(f"{global_step},{epoch + 1},{last_loss:.6f},{optimizer.param_groups[0]['lr']:.6g},"
-                                  f"{index.numel() * world / (step_time + data_time):.3f}\n")
-                    metrics.flush()
-                    for key, value in logs.items():
-                        writer.add_scalar(f"train/{key}", float(value), global_step)
-                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
-                    writer.add_scalar("train/clips_per_s", index.numel() * world / (step_time + data_time), global_step)
-                    writer.add_scalar("train/data_time_s", data_time, global_step)
-                    writer.add_scalar("train/bad_samples", getattr(loader, "bad_samples", 0), global_step)
-                if _agreed(stop.raised or (max_steps is not None and steps >= max_steps), world, device):
-                    interrupted = stop.raised
-                    save(epoch, batches_done)
-                    log.info("stopped at epoch %d, batch %d%s; resume with --resume", epoch + 1, batches_done,
-                             " (signal)" if interrupted else "")
-                    if bar is not None:
-                        bar.close()
-                    return _finish(run_dir, epoch, steps, last_loss, last_path, interrupted, clips, started,
-                                   writer, metrics, log, model, criterion)
-                data_wait = time.perf_counter()
+    return _finish(run, cfg.optim.epochs, tally)
+
+
+def _previous_state(run_dir: str, last_path: str, resume: bool) -> Optional[Dict]:
+    """The checkpoint to resume from (``resume``), or None for a new run in a folder without one."""
+    if resume:
+        if not os.path.isfile(last_path):
+            raise TrainingError(f"--resume: no checkpoint at {last_path}; start without --resume")
+        return ckpt.load_checkpoint(last_path)
+    if os.path.isfile(last_path):
+        raise TrainingError(f"{run_dir} already holds a run ({last_path}); pass --resume to continue it, "
+                            "or choose another --set out_dir=... / name=...")
+    return None
+
+
+def _starting_point(cfg: Config, num_items: int, state: Optional[Dict], trust_reference: bool,
+                    device: torch.device, log) -> Tuple[torch.nn.Module, torch.nn.Module]:
+    """The model (on the CPU) and criterion (on ``device``) training starts from.
+
+    fresh: built from cfg.seed. Reference (loss.init_from_reference): weights, and banks and Z
+    when the file has them, of a checkpoint of the paper's code. CMA (loss.init_from): the AVID
+    run's weights and banks. Resume (``state``): a CMA criterion is built from the resumed banks;
+    everything else is restored afterwards by :func:`_restore`.
+    """
+    model = build_model(cfg)
+    init = None
+    if cfg.loss.init_from_reference and state is None:
+        init = load_reference_init(cfg, model, num_items, trust_reference)
+        log.info("%s from the reference checkpoint %s", "model" if init is None else "model, banks and Z",
+                 cfg.loss.init_from_reference)
+    elif cfg.loss.kind == "cma" and state is None:
+        init = ckpt.load_checkpoint(cfg.loss.init_from, label="loss.init_from")
+        model.load_state_dict(ckpt.strip_module_prefix(init["model"]))
+        log.info("CMA starts from %s (epoch %s)", cfg.loss.init_from, init.get("epoch"))
+    elif cfg.loss.kind == "cma":
+        init = {"criterion": state["criterion"]}
+    criterion = build_criterion(cfg, num_items, init).to(device)
+    if cfg.loss.kind == "avid" and init is not None:  # banks and Z of a reference checkpoint
+        criterion.load_state_dict(init["criterion"])
+    return model, criterion
+
+
+def _place(model: torch.nn.Module, cfg: Config, world: int, device: torch.device) -> torch.nn.Module:
+    """The model on ``device``, channels-last and with SyncBatchNorm when the config asks."""
+    model = model.to(device)
+    if cfg.train.channels_last:
+        to_channels_last(model)
+    if cfg.train.sync_bn and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def _restore(state: Dict, model, criterion, optimizer, scaler) -> Tuple[int, int]:
+    """Loads a resumed checkpoint's weights, banks, optimiser, scaler and RNG states; returns
+    (epoch to continue, batches of it already done)."""
+    model.load_state_dict(state["model"])
+    criterion.load_state_dict(state["criterion"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    ckpt.set_rng_state(state["rng"])
+    return int(state["epoch"]), int(state["batches_done"])
+
+
+def _wrap(model: torch.nn.Module, cfg: Config, world: int, local_rank: int, device: torch.device) -> torch.nn.Module:
+    """``model`` under DistributedDataParallel (several processes) and torch.compile (when asked)."""
+    net = model
+    if world > 1:
+        device_ids = [local_rank] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if cfg.train.compile:
+        net = torch.compile(net)
+    return net
+
+
+def _train_epoch(run: _Run, epoch: int, skip_batches: int, tally: _Tally, stop: "_StopFlag",
+                 max_steps: Optional[int]) -> bool:
+    """Trains (0-based) ``epoch`` from batch ``skip_batches`` on and checkpoints it.
+
+    Returns True when a signal or max_steps stopped it early (after a mid-epoch checkpoint),
+    False after a finished epoch (checkpointed as last.pt, and epoch_NNNN.pt when kept).
+    """
+    cfg, log = run.cfg, run.log
+    for group in run.optimizer.param_groups:
+        group["lr"] = _lr_at(cfg, epoch)
+    if hasattr(run.criterion, "set_epoch"):
+        run.criterion.set_epoch(epoch, progress=cfg.train.progress and run.rank == 0)
+    run.loader.set_epoch(epoch, skip_batches=skip_batches)
+    run.net.train()
+    bar = _progress(len(run.loader), skip_batches, f"epoch {epoch + 1}/{cfg.optim.epochs}",
+                    cfg.train.progress and run.rank == 0)
+    batches_done = skip_batches
+    data_wait = time.perf_counter()
+    for batch in run.loader:
+        data_time = time.perf_counter() - data_wait
+        t0 = time.perf_counter()
+        result = run.step(batch)
+        tally.steps += 1
+        batches_done += 1
+        tally.last_loss = float(result.loss)
+        if not math.isfinite(tally.last_loss):
+            run.save(epoch, batches_done)
+            raise TrainingError(f"loss became {tally.last_loss} at epoch {epoch + 1}, batch {batches_done}; "
+                                "the last checkpoint is kept; try a lower optim.lr or train.precision=fp32")
+        step_time = time.perf_counter() - t0
+        clips = result.batch_size * run.world
+        tally.clips += clips
+        clips_per_s = clips / (step_time + data_time)
+        if bar is not None:
+            bar.update(1)
+            done = tally.steps / max(tally.total_batches, 1)
+            eta = (time.perf_counter() - tally.started) * (1 - done) / max(done, 1e-9)
+            bar.set_postfix(loss=f"{tally.last_loss:.4f}", clips_s=f"{clips_per_s:.1f}", run_eta=_hms(eta))
+        run.metrics.step(int(run.criterion.step), epoch + 1, tally.last_loss, run.optimizer.param_groups[0]["lr"],
+                         clips_per_s, data_time, getattr(run.loader, "bad_samples", 0), result.logs)
+        if _agreed(stop.raised or (max_steps is not None and tally.steps >= max_steps), run.world, run.device):
+            tally.interrupted = stop.raised
+            run.save(epoch, batches_done)
+            log.info("stopped at epoch %d, batch %d%s; resume with --resume", epoch + 1, batches_done,
+                     " (signal)" if tally.interrupted else "")
             if bar is not None:
                 bar.close()
-            keep = (epoch + 1) in cfg.train.keep_epochs or epoch + 1 == cfg.optim.epochs
-            save(epoch + 1, 0, keep=keep)
-            if writer is not None:
-                writer.add_scalar("epoch/loss", last_loss, epoch + 1)
-                writer.add_scalar("epoch/bad_samples", getattr(loader, "bad_samples", 0), epoch + 1)
-            log.info("epoch %d/%d: loss %.4f, %d bad samples, checkpoint %s", epoch + 1, cfg.optim.epochs,
-                     last_loss, getattr(loader, "bad_samples", 0), last_path)
-    return _finish(run_dir, cfg.optim.epochs, steps, last_loss, last_path, False, clips, started, writer, metrics, log,
-                   model, criterion)
+            return True
+        data_wait = time.perf_counter()
+    if bar is not None:
+        bar.close()
+    keep = (epoch + 1) in cfg.train.keep_epochs or epoch + 1 == cfg.optim.epochs
+    run.save(epoch + 1, 0, keep=keep)
+    run.metrics.epoch(epoch + 1, tally.last_loss, getattr(run.loader, "bad_samples", 0))
+    log.info("epoch %d/%d: loss %.4f, %d bad samples, checkpoint %s", epoch + 1, cfg.optim.epochs,
+             tally.last_loss, getattr(run.loader, "bad_samples", 0), run.last_path)
+    return False
 
 
 def _agreed(flag: bool, world: int, device: torch.device) -> bool:
@@ -378,16 +350,15 @@ def _agreed(flag: bool, world: int, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
-def _finish(run_dir, epochs_done, steps, last_loss, last_path, interrupted, clips, started, writer, metrics,
-            log, model, criterion) -> TrainResult:
-    elapsed = time.perf_counter() - started
-    rate = clips / elapsed if elapsed > 0 else 0.0
-    if writer is not None:
-        writer.close()
-        metrics.close()
-    log.info("done: %d steps in %s (%.1f clips/s over all ranks), last loss %.4f, checkpoint %s%s", steps,
-             _hms(elapsed), rate, last_loss, last_path, " (interrupted: resume with --resume)" if interrupted else "")
-    return TrainResult(run_dir, epochs_done, steps, last_loss, last_path, interrupted, rate, model, criterion)
+def _finish(run: _Run, epochs_done: int, tally: _Tally) -> TrainResult:
+    elapsed = time.perf_counter() - tally.started
+    rate = tally.clips / elapsed if elapsed > 0 else 0.0
+    run.metrics.close()
+    run.log.info("done: %d steps in %s (%.1f clips/s over all ranks), last loss %.4f, checkpoint %s%s", tally.steps,
+                 _hms(elapsed), rate, tally.last_loss, run.last_path,
+                 " (interrupted: resume with --resume)" if tally.interrupted else "")
+    return TrainResult(run.cfg.run_dir, epochs_done, tally.steps, tally.last_loss, run.last_path, tally.interrupted,
+                       rate, run.model, run.criterion)
 
 
 def _hms(seconds: float) -> str:

@@ -10,10 +10,10 @@ from typing import Dict, Optional
 
 import torch
 
-from avidfast.errors import AvidfastError
+from avidfast.checkpoints.store import CheckpointError, load_checkpoint
 
 
-class PretrainedError(AvidfastError, ValueError):
+class PretrainedError(CheckpointError):
     """A checkpoint that cannot be used for evaluation: the message names the file."""
 
 
@@ -66,20 +66,24 @@ def load_pretrained(path: str, *, random_init: bool = False, seed: int = 0, trus
             the paper's released checkpoints).
         random_init: keep the architecture (and bank sizes) but re-initialise the weights from
             ``seed`` and draw random unit-norm banks: the untrained baseline.
-        trust: for reference checkpoints that cannot be read with ``weights_only=True``, allow a
-            full unpickle (only for files from a source you trust).
+        trust: for checkpoints that ``weights_only=True`` refuses for the Python objects they hold
+            (reference ones), allow a full unpickle (only for files from a source you trust); see
+            avidfast.checkpoints.store.read_checkpoint.
     """
     from avidfast.config import ConfigError, config_from_dict
 
     if not os.path.isfile(path):
         raise PretrainedError(f"--checkpoint {path}: no such file")
-    state = _read(path, trust)
+    try:
+        state = load_checkpoint(path, trust=trust, trust_option="--trust")
+    except CheckpointError as error:
+        raise PretrainedError(str(error)) from None
     if isinstance(state, dict) and "config" in state and "model" in state and "criterion" in state:
         try:
             cfg = config_from_dict(state["config"])
         except ConfigError as error:
             raise PretrainedError(f"{path}: its saved training config is not valid ({error})") from None
-        from avidfast.train.loop import build_model
+        from avidfast.checkpoints.build import build_model
 
         model = build_model(cfg)
         try:
@@ -93,14 +97,14 @@ def load_pretrained(path: str, *, random_init: bool = False, seed: int = 0, trus
                 "embed_dim": cfg.model.embed_dim, "loss": cfg.loss.kind}
         source, train_config = "avidfast", cfg
     else:
-        from avidfast import interop
+        from avidfast.checkpoints import reference
 
-        if not (isinstance(state, dict) and interop.is_reference_checkpoint(state)):
+        if not (isinstance(state, dict) and reference.is_reference_checkpoint(state)):
             raise PretrainedError(f"{path}: neither an avidfast checkpoint (model, criterion, config) nor a "
                                   "reference one (model, train_criterion)")
         try:
-            model, loss_state, info = interop.from_reference_state(state)
-        except interop.ReferenceCheckpointError as error:
+            model, loss_state, info = reference.from_reference_state(state)
+        except reference.ReferenceCheckpointError as error:
             raise PretrainedError(f"{path}: {error}") from None
         loss_state = loss_state or {}
         video_bank, audio_bank = loss_state.get("video_memory.memory"), loss_state.get("audio_memory.memory")
@@ -114,17 +118,3 @@ def load_pretrained(path: str, *, random_init: bool = False, seed: int = 0, trus
     model.eval()
     return Pretrained(model, video_bank, audio_bank, train_config, source, info)
 
-
-def _read(path: str, trust: bool):
-    """The top-level object of a checkpoint, read with weights_only=True when possible."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch raises several types for unreadable or unsafe files
-        if not trust:
-            reason = str(error).strip().splitlines()[0][:200]
-            raise PretrainedError(f"{path}: cannot be read with weights_only=True ({reason}); if the file "
-                                  "comes from a source you trust, pass --trust to unpickle it fully") from None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as error2:  # noqa: BLE001
-            raise PretrainedError(f"{path}: not a readable PyTorch checkpoint ({error2})") from None

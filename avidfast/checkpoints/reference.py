@@ -1,4 +1,5 @@
-"""Reading the paper's released checkpoints (facebookresearch/AVID-CMA) into avidfast objects.
+"""The reference-format reader: the paper's released checkpoints (facebookresearch/AVID-CMA) into
+avidfast objects.
 
 The four released files (AVID and AVID+CMA, Kinetics and AudioSet, ``*.pth.tar``) are dicts saved
 by the reference's ``CheckpointManager.save`` (utils/main_utils.py): ``epoch`` (int), ``model``
@@ -45,16 +46,13 @@ the reference's smaller analysis networks (R2Plus1D_Small / Conv2D_Small) differ
 layers without tensors, so their files cannot be told apart from its and are refused when their
 blocks are not in a Sequential (one block per stage).
 """
-import os
-import pickle
 import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from avidfast.errors import AvidfastError
+from avidfast.checkpoints.store import CheckpointError, read_checkpoint, strip_module_prefix
 from avidfast.models.av import AVModel
-from avidfast.train.checkpoint import strip_module_prefix
 
 PRESET = "table6"  # the released networks: R(2+1)D-18 (two blocks per stage) + Conv2D
 _BANK_KEYS = ("nce_average.view1_mem", "nce_average.view2_mem")
@@ -63,7 +61,7 @@ _SKIPPED_CRITERION_KEYS = ("nce_average.positive_set",)
 _STAGE_BLOCKS = 2  # residual blocks per video stage in R(2+1)D-18
 
 
-class ReferenceCheckpointError(AvidfastError, ValueError):
+class ReferenceCheckpointError(CheckpointError):
     """A reference checkpoint that cannot be mapped; the message names the keys and what to do."""
 
 
@@ -177,7 +175,7 @@ def _map_model(model_state: Mapping[str, torch.Tensor], arch: Dict[str, Any]) ->
         if wrong_shape:
             lines.append(f"  {len(wrong_shape)} tensor(s) of the wrong shape: {'; '.join(wrong_shape)}")
         lines.append("nothing was loaded; if the file is from a modified copy of the reference, correct "
-                     "avidfast.interop.model_name_map")
+                     "avidfast.checkpoints.reference.model_name_map")
         raise ReferenceCheckpointError("\n".join(lines))
     mapped, filled = {}, []
     for theirs, ours in expected.items():
@@ -259,17 +257,6 @@ def from_reference_state(state: Mapping[str, Any]) -> Tuple[AVModel, Optional[Di
     return model, loss_state, info
 
 
-def _weights_only_reason(error: Exception) -> str:
-    """The one line of torch's weights_only refusal that says what it met."""
-    text = str(error)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        rest = [line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()]
-        if rest:
-            return rest[0].split(". Please")[0]
-    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
-
-
 def load_reference_checkpoint(
     path: str, map_location: Any = "cpu", trust: bool = False
 ) -> Tuple[AVModel, Optional[Dict[str, torch.Tensor]], Dict[str, Any]]:
@@ -278,32 +265,17 @@ def load_reference_checkpoint(
     path: a ``.pth.tar`` file saved by facebookresearch/AVID-CMA (e.g. the released
         AVID_Kinetics_Cross-N1024_checkpoint.pth.tar).
     map_location: torch.load's argument; the model is moved there too when it names a device.
-    trust: the file is first read with ``weights_only=True`` (tensors and plain containers only).
-        When that fails the file holds other Python objects, and unpickling those can run code:
-        it is then read fully only with trust=True (pass it only for files from a source you
-        trust). info["weights_only"] says which way it was read.
+    trust: the file is first read with ``weights_only=True`` (tensors and plain containers only;
+        see avidfast.checkpoints.store.read_checkpoint). When that refuses the file for the
+        Python objects it holds, unpickling those can run code: it is then read fully only with
+        trust=True (pass it only for files from a source you trust). A damaged file is reported
+        as such either way. info["weights_only"] says which way it was read.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"reference checkpoint {path}: no such file")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-        weights_only = True
-    except pickle.UnpicklingError as error:
-        if not trust:
-            raise ReferenceCheckpointError(
-                f"reference checkpoint {path}: cannot be read with weights_only=True ({_weights_only_reason(error)}). "
-                "Reading it fully unpickles arbitrary Python objects, which can run code; if you trust the file's "
-                "source, pass trust=True (avidfast train: --trust-reference)") from None
-        try:
-            state = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as full_error:  # noqa: BLE001 - a corrupt or foreign file
-            raise ReferenceCheckpointError(f"reference checkpoint {path}: cannot be read ({type(full_error).__name__}: "
-                                           f"{full_error}); is the download complete?") from None
-        weights_only = False
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ReferenceCheckpointError(f"reference checkpoint {path}: cannot be read ({type(error).__name__}: "
-                                       f"{str(error).splitlines()[0] if str(error) else ''}); is the download "
-                                       "complete?") from None
+        state, weights_only = read_checkpoint(path, map_location, trust=trust, label="reference checkpoint",
+                                              trust_option="trust=True (avidfast train: --trust-reference)")
+    except CheckpointError as error:
+        raise ReferenceCheckpointError(str(error)) from None
     try:
         model, loss_state, info = from_reference_state(state)
     except ReferenceCheckpointError as error:

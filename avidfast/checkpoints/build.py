@@ -1,0 +1,83 @@
+"""Building the model and the criterion of a training config, and starting them from a checkpoint.
+
+:func:`build_model` and :func:`build_criterion` give the same networks and banks on every rank for
+the same config (training, evaluation of an avidfast checkpoint, the demo);
+:func:`load_reference_init` fills them from a checkpoint of the paper's code (reference.py).
+"""
+from typing import Dict, Optional
+
+import torch
+
+from avidfast.config import Config
+from avidfast.errors import TrainingError
+
+
+def build_model(cfg: Config):
+    """The AV model of cfg.model (identical on every rank for the same seed); its audio encoder
+    checks that spectrograms hold cfg.data.audio.preset's frequency bins on dim 2."""
+    from avidfast.models import AVModel
+
+    torch.manual_seed(cfg.seed)
+    return AVModel.from_preset(cfg.model.preset, width=cfg.model.width, embed_dim=cfg.model.embed_dim,
+                               head_layers=cfg.model.head_layers, head_input_norm=cfg.model.head_input_norm,
+                               audio_preset=cfg.data.audio.preset)
+
+
+def build_criterion(cfg: Config, num_items: int, init: Optional[Dict] = None):
+    """AVIDLoss, or CMALoss started from ``init`` (an AVID checkpoint dict)."""
+    from avidfast.losses import AVIDLoss, CMALoss
+
+    cfg.check_num_items(num_items)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.loss.bank_dtype]
+    if cfg.loss.kind == "avid":
+        return AVIDLoss(num_items, dim=cfg.model.embed_dim, num_negatives=cfg.loss.num_negatives,
+                        temperature=cfg.loss.temperature, momentum=cfg.loss.momentum, mode=cfg.loss.mode,
+                        bank_dtype=dtype, seed=cfg.seed)
+    if init is None:
+        raise TrainingError("a CMA criterion needs the AVID checkpoint of loss.init_from")
+    banks = init["criterion"]["video_memory.memory"]
+    if banks.shape[0] != num_items:
+        raise TrainingError(f"loss.init_from has banks of {banks.shape[0]} slots but the manifest has "
+                            f"{num_items} rows: CMA must use the AVID run's manifest")
+    return CMALoss.from_avid(
+        init["criterion"], num_negatives=cfg.loss.num_negatives, num_negatives_within=cfg.loss.num_negatives_within,
+        num_positives=cfg.loss.num_positives, agreement=cfg.loss.agreement, resample_every=cfg.loss.resample_every,
+        temperature=cfg.loss.temperature, momentum=cfg.loss.momentum, seed=cfg.seed,
+    )
+
+
+def load_reference_init(cfg: Config, model, num_items: int, trust: bool = False) -> Optional[Dict]:
+    """Loads cfg.loss.init_from_reference (a checkpoint of the paper's code) into ``model``.
+
+    Returns {"criterion": loss state} (banks (num_items, D), Z; see avidfast.checkpoints.reference)
+    for build_criterion / AVIDLoss.load_state_dict, or None when the file holds no criterion (AVID
+    then starts with fresh banks; CMA cannot start). trust: see load_reference_checkpoint.
+    """
+    from avidfast.checkpoints.reference import ReferenceCheckpointError, load_reference_checkpoint
+
+    path = cfg.loss.init_from_reference
+    try:
+        reference, loss_state, info = load_reference_checkpoint(path, trust=trust)
+    except ReferenceCheckpointError as error:
+        raise TrainingError(f"loss.init_from_reference: {error}") from None
+    try:
+        model.load_state_dict(reference.state_dict())
+    except RuntimeError:
+        norm = ", with a head input norm" if cfg.model.head_input_norm else ""
+        raise TrainingError(
+            f"loss.init_from_reference {path}: its networks are {info['preset']} at width {info['width']} with "
+            f"embed_dim {info['embed_dim']} and {info['head_layers']}-layer heads (no head input norm), but the "
+            f"config builds model.preset={cfg.model.preset}, model.width={cfg.model.width}, "
+            f"model.embed_dim={cfg.model.embed_dim} ({cfg.model.head_layers}-layer heads{norm}); "
+            f"--set model.preset={info['preset']} --set model.width={info['width']} --set model.embed_dim={info['embed_dim']} "
+            f"--set model.head_layers={info['head_layers']} --set model.head_input_norm=false") from None
+    if loss_state is None:
+        if cfg.loss.kind == "cma":
+            raise TrainingError(f"loss.init_from_reference {path}: no train_criterion (memory banks) in the file; "
+                                "CMA starts from the AVID banks")
+        return None
+    if info["num_items"] != num_items:
+        raise TrainingError(f"loss.init_from_reference {path}: its banks have {info['num_items']} slots but the "
+                            f"manifest has {num_items} rows; slot i is row i of the reference's own training list, "
+                            "so use a manifest of the same videos in the same order")
+    return {"criterion": loss_state}
