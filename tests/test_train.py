@@ -281,3 +281,17 @@ def test_config_choices_are_the_registries():
         with pytest.raises(ConfigError) as error:
             load_config("demo", [f"{key}=nonsense"])
         assert str(error.value).endswith("is not one of " + ", ".join(registry)), (key, str(error.value))
+
+
+def test_cma_banks_take_the_configured_storage_dtype():
+    avid_cfg = config_from_dict({**load_config("demo").to_dict(), "loss": {"kind": "avid", "num_negatives": 16}})
+    avid = build_criterion(avid_cfg, 200)
+    assert avid.video_memory.memory.dtype == torch.float32
+    cma_cfg = load_config("cma_s5_audioset", ["loss.init_from=unused.pt", "loss.bank_dtype=bfloat16",
+                                              "loss.num_negatives=16", "loss.num_negatives_within=8",
+                                              "loss.num_positives=4", "model.embed_dim=128"])
+    cma = build_criterion(cma_cfg, 200, {"criterion": avid.state_dict()})
+    for bank, source in ((cma.video_memory.memory, avid.video_memory.memory),
+                         (cma.audio_memory.memory, avid.audio_memory.memory)):
+        assert bank.dtype == torch.bfloat16
+        torch.testing.assert_close(bank, source.to(torch.bfloat16))

@@ -26,9 +26,10 @@ def build_model(cfg: Config):
 def build_criterion(cfg: Config, num_items: int, init: Optional[Dict] = None):
     """AVIDLoss, or CMALoss started from ``init`` (an AVID checkpoint dict)."""
     from avidfast.losses import AVIDLoss, CMALoss
+    from avidfast.losses.memory_bank import STORAGE_DTYPES
 
     cfg.check_num_items(num_items)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.loss.bank_dtype]
+    dtype = STORAGE_DTYPES[cfg.loss.bank_dtype]
     if cfg.loss.kind == "avid":
         return AVIDLoss(num_items, dim=cfg.model.embed_dim, num_negatives=cfg.loss.num_negatives,
                         temperature=cfg.loss.temperature, momentum=cfg.loss.momentum, mode=cfg.loss.mode,
@@ -42,7 +43,7 @@ def build_criterion(cfg: Config, num_items: int, init: Optional[Dict] = None):
     return CMALoss.from_avid(
         init["criterion"], num_negatives=cfg.loss.num_negatives, num_negatives_within=cfg.loss.num_negatives_within,
         num_positives=cfg.loss.num_positives, agreement=cfg.loss.agreement, resample_every=cfg.loss.resample_every,
-        temperature=cfg.loss.temperature, momentum=cfg.loss.momentum, seed=cfg.seed,
+        temperature=cfg.loss.temperature, momentum=cfg.loss.momentum, bank_dtype=dtype, seed=cfg.seed,
     )
 
 
