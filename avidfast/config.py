@@ -4,6 +4,7 @@ Every key is checked: an unknown key or a value of the wrong type is a :class:`C
 naming the key and what is allowed. The resolved configuration is written into each run folder.
 """
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
@@ -39,6 +40,55 @@ def check_values(choices: Dict[str, Tuple[Any, Sequence[Any]]], positive: Dict[s
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be positive, got {value}")
+
+
+def require(ok: bool, key: str, value: Any, rule: str) -> None:
+    """ConfigError ``key must be <rule>, got <value>`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def check_video_section(video: "VideoSection", prefix: str = "data.video") -> None:
+    """The ranges of a video section's values (their types are already checked)."""
+    require(_number(video.fps) and video.fps > 0, f"{prefix}.fps", video.fps, "a positive number (frames per second)")
+    require(_number(video.min_area) and 0 < video.min_area <= 1, f"{prefix}.min_area", video.min_area,
+            "in (0, 1] (the smallest crop, as a share of the frame's area)")
+    require(_number(video.flip) and 0 <= video.flip <= 1, f"{prefix}.flip", video.flip, "a probability in [0, 1]")
+    for name in ("brightness", "contrast", "saturation"):
+        value = getattr(video, name)
+        require(_number(value) and value >= 0, f"{prefix}.{name}", value, "0 or more (jitter factors 1 +- x)")
+    require(_number(video.hue) and 0 <= video.hue <= 0.5, f"{prefix}.hue", video.hue,
+            "in [0, 0.5] (a hue shift of +- x turns)")
+
+
+def check_audio_section(audio: "AudioSection", prefix: str = "data.audio") -> None:
+    """The ranges of an audio section's jitter values."""
+    low, high = audio.volume
+    require(_number(low) and _number(high) and 0 < low <= high, f"{prefix}.volume", list(audio.volume),
+            "[low, high] gains with 0 < low <= high, e.g. [0.9, 1.1]")
+    require(_number(audio.max_offset) and audio.max_offset >= 0, f"{prefix}.max_offset", audio.max_offset,
+            "0 or more seconds")
+    low, high = audio.duration
+    require(_number(low) and _number(high) and 0 < low <= high, f"{prefix}.duration", list(audio.duration),
+            "[shortest, longest] seconds with 0 < shortest <= longest, e.g. [1.4, 2.8]")
+
+
+def check_optim_values(optim: Any, prefix: str = "optim") -> None:
+    """The ranges of an optimisation section's shared values: lr, weight_decay, gamma,
+    samples_per_epoch, milestones."""
+    require(_number(optim.lr) and optim.lr > 0, f"{prefix}.lr", optim.lr, "a positive number")
+    require(_number(optim.weight_decay) and optim.weight_decay >= 0, f"{prefix}.weight_decay", optim.weight_decay,
+            "0 or more")
+    require(_number(optim.gamma) and optim.gamma > 0, f"{prefix}.gamma", optim.gamma,
+            "a positive number (the lr factor at each milestone)")
+    require(optim.samples_per_epoch is None or optim.samples_per_epoch >= 1, f"{prefix}.samples_per_epoch",
+            optim.samples_per_epoch, "a positive number of clips, or null (one pass over the manifest)")
+    require(all(m >= 1 for m in optim.milestones), f"{prefix}.milestones", optim.milestones,
+            "epochs from 1 on (the lr changes after that many epochs)")
 
 
 @dataclass
@@ -183,6 +233,20 @@ class Config:
         check_values(choices, positive)
         if self.data.workers < 0:
             raise ConfigError(f"data.workers must be 0 or more, got {self.data.workers}")
+        require(_number(self.data.max_bad_fraction) and 0 <= self.data.max_bad_fraction <= 1,
+                "data.max_bad_fraction", self.data.max_bad_fraction, "in [0, 1]")
+        check_video_section(self.data.video)
+        check_audio_section(self.data.audio)
+        check_optim_values(self.optim)
+        require(_number(self.loss.temperature) and self.loss.temperature > 0, "loss.temperature",
+                self.loss.temperature, "a positive number (the paper's: 0.07)")
+        require(_number(self.loss.momentum) and 0 <= self.loss.momentum <= 1, "loss.momentum", self.loss.momentum,
+                "in [0, 1] (the share of a memory row kept at an update; the paper's: 0.5)")
+        require(all(e >= 1 for e in self.train.keep_epochs), "train.keep_epochs", self.train.keep_epochs,
+                "epochs from 1 on")
+        if self.loss.kind == "cma":
+            require(self.loss.num_positives >= 1, "loss.num_positives", self.loss.num_positives, "positive")
+            require(self.loss.resample_every >= 1, "loss.resample_every", self.loss.resample_every, "positive")
         self._check_audio_preset()
         if self.model.head_input_norm and self.optim.batch_size < 2:
             raise ConfigError("model.head_input_norm needs batch statistics: set optim.batch_size (per process) "

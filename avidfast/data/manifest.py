@@ -97,20 +97,40 @@ def _parse(column: str, value: str, where: str):
 
 
 def read_manifest(path: str, root: Optional[str] = None) -> Manifest:
-    """Reads a manifest CSV; relative paths resolve against ``root`` (default: the CSV's folder)."""
+    """Reads a manifest CSV; relative paths resolve against ``root`` (default: the CSV's folder).
+
+    The file is UTF-8 text, with or without a byte-order mark (as spreadsheet programs write it),
+    with LF or CRLF line ends. ManifestError for anything else, naming the file (and the line).
+    """
+    if os.path.isdir(path):
+        raise ManifestError(f"manifest {path}: is a folder, not a CSV file")
     if not os.path.isfile(path):
         raise ManifestError(f"manifest {path}: no such file")
     root = os.path.abspath(root if root is not None else os.path.dirname(os.path.abspath(path)))
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "path" not in reader.fieldnames:
-            raise ManifestError(f"manifest {path}: needs a header row with a 'path' column")
-        columns = list(reader.fieldnames)
-        rows = []
-        for line, raw in enumerate(reader, start=2):
-            if not raw.get("path"):
-                raise ManifestError(f"manifest {path}, line {line}: empty 'path'")
-            rows.append({k: _parse(k, v or "", f"manifest {path}, line {line}") for k, v in raw.items()})
+    reader = None
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, strict=True)
+            if reader.fieldnames is None or "path" not in reader.fieldnames:
+                raise ManifestError(f"manifest {path}: needs a header row with a 'path' column")
+            columns = list(reader.fieldnames)
+            rows = []
+            for line, raw in enumerate(reader, start=2):
+                extra = raw.pop(None, None)  # fields beyond the header's columns
+                if extra and any(field.strip() for field in extra):
+                    raise ManifestError(f"manifest {path}, line {line}: more fields than the {len(columns)} "
+                                        "columns of the header")
+                if not raw.get("path"):
+                    raise ManifestError(f"manifest {path}, line {line}: empty 'path'")
+                rows.append({k: _parse(k, v or "", f"manifest {path}, line {line}") for k, v in raw.items()})
+    except UnicodeDecodeError as error:
+        raise ManifestError(f"manifest {path}: not UTF-8 text (byte {error.start}: {error.reason}); is it a "
+                            "CSV file? Save it as UTF-8") from None
+    except csv.Error as error:
+        where = f", line {reader.line_num}" if reader is not None else ""
+        raise ManifestError(f"manifest {path}{where}: not valid CSV ({error})") from None
+    except OSError as error:
+        raise ManifestError(f"manifest {path}: cannot be read ({error.strerror or error})") from None
     if not rows:
         raise ManifestError(f"manifest {path}: has a header but no rows")
     return Manifest(root=root, rows=rows, columns=columns)

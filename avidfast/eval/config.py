@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 from avidfast.config import (PACKAGE_CONFIGS, AudioSection, ConfigError, VideoSection, build_typed,
-                                   check_values, read_tree, shipped_configs)
+                             check_audio_section, check_optim_values, check_values, check_video_section, read_tree,
+                             shipped_configs)
 
 EVAL_CONFIGS = os.path.join(PACKAGE_CONFIGS, "eval")
 PROTOCOLS = ("linear", "finetune")
@@ -105,16 +106,13 @@ class EvalConfig:
             "data.video.crop": self.data.video.crop, "run.log_every": self.run.log_every,
         }
         check_values(choices, positive)
-        if self.optim.samples_per_epoch is not None and self.optim.samples_per_epoch < 1:
-            raise ConfigError(f"optim.samples_per_epoch must be positive or null, got {self.optim.samples_per_epoch}")
+        check_optim_values(self.optim)
         if not 0 < self.data.test_fraction < 1:
             raise ConfigError(f"data.test_fraction must be between 0 and 1, got {self.data.test_fraction}")
         if not 0 <= self.finetune.dropout < 1:
             raise ConfigError(f"finetune.dropout must be in [0, 1), got {self.finetune.dropout}")
-        if not self.data.video.fps > 0:
-            raise ConfigError(f"data.video.fps must be positive, got {self.data.video.fps}")
-        if not 0 < self.data.video.min_area <= 1:
-            raise ConfigError(f"data.video.min_area must be in (0, 1], got {self.data.video.min_area}")
+        check_video_section(self.data.video)
+        check_audio_section(self.data.audio)
         if not 0 <= self.data.max_bad_fraction <= 1:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.data.max_bad_fraction}")
         if self.data.workers < 0:
