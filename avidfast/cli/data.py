@@ -7,6 +7,8 @@ from avidfast.data.audio import PRESETS as AUDIO_PRESETS
 
 
 def _prepare(args: argparse.Namespace) -> None:
+    import sys
+
     from avidfast.data.prepare import prepare
 
     try:
@@ -14,6 +16,7 @@ def _prepare(args: argparse.Namespace) -> None:
             args.src, args.out, root=args.root, workers=args.workers, extract_audio=args.extract_audio,
             transcode=args.transcode, fps=args.fps, gop=args.gop, min_seconds=args.min_seconds,
             check=args.check, progress=not args.quiet,
+            log=lambda note: print(f"avidfast: {note}", file=sys.stderr, flush=True),  # warnings even with --quiet
         )
     except OSError as error:
         raise UserError(f"{error.filename or args.out}: {error.strerror or error}") from None

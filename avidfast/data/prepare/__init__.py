@@ -20,13 +20,17 @@ Output folder OUT:
     root) without its extension, plus ``_<ext>`` where two sources would otherwise collide; a
     manifest entry outside its root goes under ``_outside/<hash>/``.
   * ``rejected.csv``: ``path`` (relative to OUT, like above) and ``reason`` (one short line).
+    When no clip is usable, neither file is written: :class:`PrepareError` gives the reasons.
   * ``.prepare/``: one JSON record per source file (its probe and the outputs made from it) and
     the options of the last run. A rerun skips every file whose record matches the file's size and
     modification time and whose outputs exist and were made with the same options (outputs are
     written to a temporary name and renamed when complete, so an existing output is complete).
 
 Sources are only read, never written: OUT may not be the source folder, and no output path may
-be a source file. Work runs in ``workers`` spawned processes (0: in this process); a file that
+be a source file. An OUT already prepared from another source (or root) is refused rather than
+having its manifest replaced. A folder SRC is searched without the output folders of earlier
+prepare runs inside it (noted in ``summary.warnings``); a manifest SRC listing one file in two rows
+gives two memory slots, which ``summary.warnings`` notes too. Work runs in ``workers`` spawned processes (0: in this process); a file that
 hangs or crashes its worker is rejected with a reason instead of stopping the run.
 
 Modules, one per job: ``options`` (what can be asked, :class:`PrepareError`), ``discovery``
@@ -37,11 +41,12 @@ output passes, the manifest rows), ``pool`` (the crash-tolerant worker processes
 import os
 import sys
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 from avidfast.data.manifest import write_manifest
 from avidfast.data.prepare.discovery import (
-    VIDEO_EXTENSIONS, Entry, check_out, find_sources, output_stems, planned_outputs,
+    VIDEO_EXTENSIONS, Entry, check_out, check_same_source, find_sources, output_stems, planned_outputs, relative,
+    repeated_sources,
 )
 from avidfast.data.prepare.options import (
     AUDIO_FORMATS, OUTPUT_VERSION, STATE_DIR, TRANSCODES, PrepareError, check_arguments,
@@ -68,8 +73,10 @@ def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int 
     it). Transcoded video has a constant ``fps`` and a keyframe every ``gop`` frames, and even
     width and height (odd ones are scaled down by one pixel). ``min_seconds``: shorter clips are
     rejected. ``check``: how hard each file is probed, see :mod:`avidfast.data.probe`.
-    ``log`` receives one-line notes (default: stderr when ``progress``).
-    Raises :class:`PrepareError` for bad arguments or inputs.
+    ``log`` receives one-line notes and warnings (default: stderr when ``progress``); the
+    warnings are also in ``summary.warnings``.
+    Raises :class:`PrepareError` for bad arguments or inputs, and when no clip is usable (with the
+    reasons; manifest.csv and rejected.csv are then left as they were).
     """
     started = time.monotonic()
     check_arguments(extract_audio=extract_audio, transcode=transcode, check=check, fps=fps, gop=gop,
@@ -78,8 +85,20 @@ def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int 
         log = (lambda message: print(message, file=sys.stderr, flush=True)) if progress else (lambda message: None)
 
     out = os.path.abspath(out_dir)
-    entries, source_root, protected = find_sources(src, root, out)
+    skipped: List[str] = []
+    entries, source_root, protected = find_sources(src, root, out, skipped)
     check_out(out, source_root, protected)
+    check_same_source(out, src, source_root)
+    warnings = [f"warning: left out {relative(folder, os.path.abspath(src))}/ of {src}: an output folder of "
+                "avidfast prepare, not sources" for folder in skipped]
+    repeats = repeated_sources(entries)
+    if repeats:
+        shown = ", ".join(f"line {row + 1} = line {first + 1}: {key}" for row, first, key in repeats[:3])
+        warnings.append(f"warning: {len(repeats)} row(s) of {src} repeat a file an earlier row lists ({shown}"
+                        f"{', ...' if len(repeats) > 3 else ''}); each row is its own memory slot, so the file "
+                        "is two instances: remove the repeats unless that is intended")
+    for warning in warnings:
+        log(warning)
     unique: Dict[str, Entry] = {}
     for entry in entries:
         unique.setdefault(entry.source, entry)
@@ -106,6 +125,12 @@ def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int 
         pool.close()
 
     kept_rows, rejected_rows, reasons = manifest_rows(entries, records, out, transcode, extract_audio, min_seconds)
+    if not kept_rows:
+        counts = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common(3))
+        example = rejected_rows[0]
+        raise PrepareError(f"no usable clip in {src}: all {len(rejected_rows)} rejected ({counts}"
+                           f"{', ...' if len(reasons) > 3 else ''}; e.g. {example['path']}: {example['reason']}); "
+                           f"nothing written to {out}/manifest.csv")
     columns = manifest_columns(entries, extract_audio)
     write_manifest(summary.manifest_path, kept_rows, columns=columns)
     write_manifest(summary.rejected_path, rejected_rows, columns=["path", "reason"])
@@ -114,6 +139,5 @@ def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int 
     summary.rejected = len(rejected_rows)
     summary.reasons = dict(reasons)
     summary.seconds = time.monotonic() - started
-    if not kept_rows:
-        log(f"warning: no usable clip in {src}; see {summary.rejected_path}")
+    summary.warnings = warnings
     return summary

@@ -4,6 +4,7 @@ Nothing here writes: it lists the source files in order, with the path each outp
 real paths that must never be written, and checks that OUT is safe to write into.
 """
 import hashlib
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -32,16 +33,35 @@ def relative(path: str, start: str) -> str:
         return path
 
 
-def find_sources(src: str, root: Optional[str], out: str) -> Tuple[List[Entry], str, set]:
-    """Entries in source order, the source root, and the real paths that must never be written."""
+def is_prepared_folder(path: str) -> bool:
+    """True for a folder that ``avidfast prepare`` wrote (it holds ``.prepare/``)."""
+    return os.path.isdir(os.path.join(path, STATE_DIR))
+
+
+def find_sources(src: str, root: Optional[str], out: str,
+                 skipped: Optional[List[str]] = None) -> Tuple[List[Entry], str, set]:
+    """Entries in source order, the source root, and the real paths that must never be written.
+
+    A folder SRC is searched without OUT, hidden folders and the output folders of earlier
+    prepare runs (each appended to ``skipped`` when given): their videos/ are outputs, not sources.
+    """
     if os.path.isdir(src):
         if root is not None:
             raise PrepareError("--root only applies when SRC is a manifest, not a folder")
         base = os.path.abspath(src)
         entries = []
         for directory, folders, files in os.walk(base):
-            folders[:] = sorted(f for f in folders if not f.startswith(".")
-                                and os.path.abspath(os.path.join(directory, f)) != out)
+            kept_folders = []
+            for name in sorted(folders):
+                path = os.path.abspath(os.path.join(directory, name))
+                if name.startswith(".") or path == out:
+                    continue
+                if is_prepared_folder(path):
+                    if skipped is not None:
+                        skipped.append(path)
+                    continue
+                kept_folders.append(name)
+            folders[:] = kept_folders
             for name in sorted(files):
                 if not name.startswith(".") and name.lower().endswith(VIDEO_EXTENSIONS):
                     path = os.path.join(directory, name)
@@ -65,6 +85,10 @@ def find_sources(src: str, root: Optional[str], out: str) -> Tuple[List[Entry], 
                 digest = hashlib.sha1(path.encode()).hexdigest()[:10]
                 rel = f"_outside/{digest}/{os.path.basename(path)}"
             entries.append(Entry(path, rel, dict(row)))
+        if not any(os.path.exists(e.source) for e in entries):
+            where = f"--root {root}" if root is not None else f"the manifest's folder {manifest.root}"
+            raise PrepareError(f"manifest {src}: none of its {len(entries)} files exists (paths are relative to "
+                               f"{where}; e.g. {entries[0].source}); pass --root VIDEO_DIR, the folder they are in")
         protected = {os.path.realpath(e.source) for e in entries} | {os.path.realpath(src)}
         return entries, manifest.root, protected
     raise PrepareError(f"{src}: no such file or folder")
@@ -81,6 +105,37 @@ def check_out(out: str, source_root: str, protected: set) -> None:
     if os.path.exists(os.path.join(out, "manifest.csv")) and not os.path.isdir(os.path.join(out, STATE_DIR)):
         raise PrepareError(f"{out} already holds a manifest.csv that avidfast prepare did not write; "
                            "choose another OUT")
+
+
+def check_same_source(out: str, src: str, source_root: str) -> None:
+    """Refuses to replace the manifest of an OUT prepared from another source (or root)."""
+    if not os.path.isfile(os.path.join(out, "manifest.csv")):
+        return
+    try:
+        with open(os.path.join(out, STATE_DIR, "options.json")) as f:
+            previous = json.load(f)
+    except (OSError, ValueError):
+        return
+    if not isinstance(previous, dict):
+        return
+    before = (previous.get("src"), previous.get("root"))
+    if before[0] is None or before == (os.path.abspath(src), source_root):
+        return
+    what = before[0] if before[0] != os.path.abspath(src) else f"{before[0]} with root {before[1]}"
+    raise PrepareError(f"{out} holds the preparation of another source, {what}; preparing {src} there would "
+                       "replace its manifest.csv: choose another OUT (or delete that folder first)")
+
+
+def repeated_sources(entries: List[Entry]) -> List[Tuple[int, int, str]]:
+    """(row, first row, key) for every source row that lists a file an earlier row lists (1-based rows)."""
+    first: Dict[str, int] = {}
+    repeats = []
+    for row, entry in enumerate(entries, start=1):
+        if entry.source in first:
+            repeats.append((row, first[entry.source], entry.key))
+        else:
+            first[entry.source] = row
+    return repeats
 
 
 def output_stems(entries: List[Entry]) -> Dict[str, str]:

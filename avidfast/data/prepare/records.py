@@ -34,6 +34,7 @@ class PrepareSummary:
     processed: int = 0      # files transcoded and/or audio-extracted in this run
     reused: int = 0         # files whose outputs were already complete
     seconds: float = 0.0    # wall-clock time of the run
+    warnings: List[str] = field(default_factory=list)  # what the run noticed but did not stop for
 
     def format(self) -> str:
         lines = [f"kept {self.kept} of {self.total} clips, rejected {self.rejected} "
