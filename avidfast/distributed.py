@@ -93,6 +93,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def barrier() -> None:
+    """Waits until every rank gets here (nothing to wait for without a process group of several ranks)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def init_from_env() -> Tuple[int, int, int]:
     """(rank, world size, local rank); under torchrun (WORLD_SIZE > 1) initialises the process
     group first: NCCL when CUDA is visible (each process on cuda:LOCAL_RANK), else gloo."""

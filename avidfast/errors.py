@@ -22,3 +22,8 @@ class EvalError(AvidfastError, ValueError):
 
 class TrainingError(AvidfastError, RuntimeError):
     """A problem that stops training (or its start from a checkpoint), with what to do about it."""
+
+
+class RunFolderError(AvidfastError, ValueError):
+    """A run folder (training's out_dir, an evaluation's) that cannot be used: it cannot be written, or it
+    holds another run's results."""

@@ -4,12 +4,15 @@
 the same config (training, evaluation of an avidfast checkpoint, the demo);
 :func:`load_reference_init` fills them from a checkpoint of the paper's code (reference.py).
 """
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
+from avidfast.checkpoints.store import CheckpointError
 from avidfast.config import Config
 from avidfast.errors import TrainingError
+
+SHOWN_DIFFERENCES = 3  # differing tensors named in a mismatch message
 
 
 def build_model(cfg: Config):
@@ -45,6 +48,64 @@ def build_criterion(cfg: Config, num_items: int, init: Optional[Dict] = None):
         num_positives=cfg.loss.num_positives, agreement=cfg.loss.agreement, resample_every=cfg.loss.resample_every,
         temperature=cfg.loss.temperature, momentum=cfg.loss.momentum, bank_dtype=dtype, seed=cfg.seed,
     )
+
+
+def _shape(tensor: Any) -> str:
+    return str(tuple(tensor.shape)) if hasattr(tensor, "shape") else type(tensor).__name__
+
+
+def state_mismatch(module: torch.nn.Module, state_dict: Dict[str, Any]) -> str:
+    """How ``state_dict`` fails to fit ``module``, in one line: the tensors whose shapes differ (the
+    first few, file vs here) and the counts of missing and unexpected keys (the first of each)."""
+    own = module.state_dict()
+    differ = [k for k in own if k in state_dict and _shape(state_dict[k]) != _shape(own[k])]
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    parts: List[str] = []
+    if differ:
+        shown = "; ".join(f"{k}: {_shape(state_dict[k])} in the file, {_shape(own[k])} here"
+                          for k in differ[:SHOWN_DIFFERENCES])
+        parts.append(f"{len(differ)} tensor(s) differ in shape ({shown}{'; ...' if len(differ) > SHOWN_DIFFERENCES else ''})")
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    return ", ".join(parts) or "the tensors do not fit"
+
+
+def _config_hint(saved: Any, cfg: Optional[Config], sections=("model",)) -> str:
+    """'; the file was written with model.width=4 (here 8): --set model.width=4' for the values of
+    ``sections`` that differ between the checkpoint's saved config and ``cfg``."""
+    if not isinstance(saved, dict) or cfg is None:
+        return ""
+    here = cfg.to_dict()
+    differ = []
+    for section in sections:
+        old, new = saved.get(section), here.get(section)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differ += [(f"{section}.{k}", old[k], new[k]) for k in new if k in old and old[k] != new[k]]
+    if not differ:
+        return ""
+    was = ", ".join(f"{key}={old} (here {new})" for key, old, new in differ)
+    fix = " ".join(f"--set {key}={str(old).lower() if isinstance(old, bool) else old}" for key, old, _ in differ)
+    return f"; the file was written with {was}: {fix}"
+
+
+def load_weights(module: torch.nn.Module, state_dict: Dict[str, Any], source: str, *, what: str = "weights",
+                 target: Optional[str] = None, saved_config: Any = None, config: Optional[Config] = None,
+                 error: type = CheckpointError) -> None:
+    """``module.load_state_dict(state_dict)``; where the tensors do not fit, ``error`` (a CheckpointError by
+    default) in one line naming ``source`` (e.g. ``"--resume runs/x/checkpoints/last.pt"``), the first
+    differing shapes and, given the checkpoint's ``saved_config`` and this ``config``, the model settings
+    that differ, instead of torch's RuntimeError listing every tensor. ``what``: what the file holds
+    ("weights", "memory banks"); ``target``: what they are loaded into (default: the module's class
+    "of this config")."""
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError:
+        target = target or f"the {type(module).__name__} of this config"
+        raise error(f"{source}: its {what} do not fit {target}: "
+                    f"{state_mismatch(module, state_dict)}{_config_hint(saved_config, config)}") from None
 
 
 def load_reference_init(cfg: Config, model, num_items: int, trust: bool = False) -> Optional[Dict]:

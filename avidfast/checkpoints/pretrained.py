@@ -72,6 +72,9 @@ def load_pretrained(path: str, *, random_init: bool = False, seed: int = 0, trus
     """
     from avidfast.config import ConfigError, config_from_dict
 
+    if os.path.isdir(path):
+        raise PretrainedError(f"--checkpoint {path}: is a folder; pass a checkpoint file, e.g. "
+                              f"{os.path.join(path, 'checkpoints', 'last.pt')}")
     if not os.path.isfile(path):
         raise PretrainedError(f"--checkpoint {path}: no such file")
     try:
@@ -83,13 +86,10 @@ def load_pretrained(path: str, *, random_init: bool = False, seed: int = 0, trus
             cfg = config_from_dict(state["config"])
         except ConfigError as error:
             raise PretrainedError(f"{path}: its saved training config is not valid ({error})") from None
-        from avidfast.checkpoints.build import build_model
+        from avidfast.checkpoints.build import build_model, load_weights
 
         model = build_model(cfg)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as error:
-            raise PretrainedError(f"{path}: weights do not fit the model of its own config ({error})") from None
+        load_weights(model, state["model"], path, target="the AVModel of its own saved config", error=PretrainedError)
         banks = state["criterion"]
         video_bank = banks.get("video_memory.memory")
         audio_bank = banks.get("audio_memory.memory")

@@ -28,14 +28,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_progress_bars() -> None:
+    """Closes the progress bars an error left open, so that they do not redraw after its message."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close is only cosmetic
+            pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
     except AvidfastError as error:
+        _close_progress_bars()
         print(f"avidfast: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("avidfast: interrupted", file=sys.stderr)
         return 130
     return 0

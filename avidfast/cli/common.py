@@ -1,5 +1,6 @@
 """Shared pieces of the command line: the user-error type and argument types."""
 import argparse
+import math
 from typing import Optional
 
 import torch
@@ -34,8 +35,16 @@ def non_negative_int(text: str) -> int:
 
 def non_negative_float(text: str) -> float:
     value = float(text)
-    if not value >= 0:
+    if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A float option that must be above 0 (argparse type)."""
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
 
 

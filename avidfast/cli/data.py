@@ -46,14 +46,33 @@ def _stats(args: argparse.Namespace) -> None:
     manifest = read_manifest(args.manifest, args.root)
     preset = get_preset(args.audio_preset)
     out = args.out or f"{args.manifest.rsplit('.', 1)[0]}.{preset.name}-stats.npz"
+    _check_output_file(out, "--out" if args.out else "the statistics file")  # before the long part
     try:
         stats, failed = compute_stats(manifest, preset, workers=args.workers, max_seconds=args.max_seconds,
                                       progress=not args.quiet)
     except ValueError as error:
         raise UserError(f"{args.manifest}: {error}") from None
-    stats.save(out)
+    try:
+        stats.save(out)
+    except OSError as error:
+        raise UserError(f"{out}: cannot be written ({error.strerror or error})") from None
     print(f"{preset.name}: mean/std of {stats.count} spectrogram frames over {len(manifest) - failed} of "
           f"{len(manifest)} files ({failed} unreadable, see warnings); wrote {out}")
+
+
+def _check_output_file(path: str, option: str) -> None:
+    """UserError unless ``path`` can be written as a file (its folder is created when missing)."""
+    import os
+
+    from avidfast.errors import RunFolderError
+    from avidfast.train.run_folder import check_writable_folder
+
+    if os.path.isdir(path):
+        raise UserError(f"{option} {path}: is a folder; give a file name, e.g. {os.path.join(path, 'stats.npz')}")
+    try:
+        check_writable_folder(os.path.dirname(os.path.abspath(path)), f"{option} {path}: its folder")
+    except RunFolderError as error:
+        raise UserError(str(error)) from None
 
 
 def register(commands) -> None:

@@ -1,6 +1,7 @@
 """`avidfast train` and `avidfast demo`."""
 import argparse
 import json
+import signal
 from typing import List
 
 from avidfast.cli.common import UserError, positive_int
@@ -19,8 +20,8 @@ def _train(args: argparse.Namespace) -> None:
         result = train(cfg, resume=args.resume, trust_reference=args.trust_reference)
     except FileNotFoundError as error:
         raise UserError(str(error)) from None
-    if result.interrupted:
-        raise SystemExit(143)
+    if result.interrupted:  # the shell's convention: 128 + the signal (Ctrl-C: 130, SIGTERM: 143)
+        raise SystemExit(128 + int(result.signal or signal.SIGTERM))
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -136,6 +136,17 @@ def read_manifest(path: str, root: Optional[str] = None) -> Manifest:
     return Manifest(root=root, rows=rows, columns=columns)
 
 
+def check_files_exist(manifest: Manifest, name: str, root_option: str, sample: int = 8) -> None:
+    """ManifestError when none of the first ``sample`` rows' files exists: the manifest's paths start
+    from another folder than ``manifest.root``. ``name`` names the manifest, ``root_option`` the option
+    that sets the folder (e.g. ``--set data.root``)."""
+    rows = range(min(sample, len(manifest)))
+    if any(os.path.exists(manifest.path(i)) for i in rows):
+        return
+    raise ManifestError(f"{name}: none of its first {len(rows)} files exists under {manifest.root} (e.g. "
+                        f"{manifest.path(0)}); its paths start from another folder: {root_option}=VIDEO_DIR")
+
+
 def write_manifest(path: str, rows: Sequence[Dict[str, object]], columns: Optional[Sequence[str]] = None) -> None:
     """Writes rows atomically; columns default to ``path``, ``label`` if any row has one, metadata."""
     if columns is None:

@@ -9,7 +9,7 @@ rows without a label are left out of the probe.
 Errors name the settings as the command line's options (``--labels``, ``--device``), since the
 command passes them through unchanged.
 """
-import os
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -35,11 +35,14 @@ class MemoryProbeSettings:
     seed: int = 0  # seed of the splits (and of random_init)
     device: str = "auto"  # auto, cpu or cuda[:N]
     name: Optional[str] = None  # run name (None: memory)
-    out: Optional[str] = None  # run folder (None: runs/eval/NAME)
+    out: Optional[str] = None  # run folder (None: runs/eval/NAME, runs/eval/NAME-random for random_init)
+    overwrite: bool = False  # replace the evaluation a run folder already holds (else refused)
 
     @property
     def run_dir(self) -> str:
-        return self.out or os.path.join("runs", "eval", self.name or "memory")
+        from avidfast.eval.run import default_run_dir
+
+        return self.out or default_run_dir(self.name or "memory", self.random_init)
 
 
 def memory_labels(manifest: Manifest, source: str = "--labels") -> Tuple[List[str], List[int]]:
@@ -85,10 +88,13 @@ def run_memory_probe(settings: MemoryProbeSettings) -> MemoryProbeResult:
     classes, labels = memory_labels(manifest, f"--labels {labels_path}")
     if not 0 < s.train_fraction < 1:
         raise EvalError(f"--train-fraction {s.train_fraction}: must lie between 0 and 1")
+    if not (math.isfinite(s.lr) and s.lr > 0) or not (math.isfinite(s.weight_decay) and s.weight_decay >= 0):
+        raise EvalError(f"--lr {s.lr} / --weight-decay {s.weight_decay}: the lr must be positive, the weight decay "
+                        "0 or more")
     settings_dict = {"repeats": s.repeats, "train_fraction": s.train_fraction, "epochs": s.epochs, "lr": s.lr,
                      "weight_decay": s.weight_decay, "seed": s.seed, "labels": labels_path}
     run = start_run(s.run_dir, settings_dict, s.device, "fp32", {"checkpoint": pretrained.info, "protocol": "memory"},
-                    s.seed, device_option="--device")
+                    s.seed, device_option="--device", overwrite=s.overwrite, elsewhere="--name or --out")
     result = memory_probe(pretrained.video_bank.float(), pretrained.audio_bank.float(), labels,
                           num_classes=len(classes), repeats=s.repeats, train_fraction=s.train_fraction,
                           seed=s.seed, epochs=s.epochs, lr=s.lr, weight_decay=s.weight_decay, device=run.device)

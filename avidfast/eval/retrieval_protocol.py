@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 from avidfast.data.manifest import Manifest
-from avidfast.errors import EvalError
+from avidfast.errors import AvidfastError, EvalError
 from avidfast.eval.retrieval import ClipEmbeddings, RetrievalResult
 
 
@@ -46,7 +46,8 @@ class RetrievalSettings:
     device: str = "auto"  # auto, cpu or cuda[:N]
     progress: bool = True  # progress bars (rank 0)
     name: Optional[str] = None  # run name (None: retrieval)
-    out: Optional[str] = None  # run folder (None: runs/eval/NAME)
+    out: Optional[str] = None  # run folder (None: runs/eval/NAME, runs/eval/NAME-random for random_init)
+    overwrite: bool = False  # replace the evaluation a run folder already holds (else refused)
 
 
 def _data_section(s: RetrievalSettings, pretrained):
@@ -128,16 +129,20 @@ def run_retrieval(settings: RetrievalSettings) -> Optional[RetrievalResult]:
     Raises ManifestError, PretrainedError, EvalError (labels, audio, clip shape, statistics, device,
     embeddings), TooManyBadSamples or SampleFailed, each naming the input at fault.
     """
-    from avidfast.data.manifest import read_manifest
+    from avidfast.data.manifest import check_files_exist, read_manifest
     from avidfast.eval.config import EvalConfig, EvalOptimSection
-    from avidfast.eval.data import resolve_device, test_loader
+    from avidfast.eval.data import resolve_device
     from avidfast.checkpoints.pretrained import load_pretrained
-    from avidfast.eval.retrieval import evaluate_retrieval
-    from avidfast.eval.run import start_run
+    from avidfast.eval.run import check_run_dir, default_run_dir, start_run
 
     s = settings
+    run_dir = s.out or default_run_dir(s.name or "retrieval", s.random_init)
+    check_run_dir(run_dir, s.overwrite, "--name or --out")  # before the videos are probed
     test = read_manifest(s.manifest, s.root)
+    check_files_exist(test, f"--manifest {s.manifest}", "--root")
     train = read_manifest(s.train_manifest, s.root) if s.train_manifest else None
+    if train is not None:
+        check_files_exist(train, f"--train-manifest {s.train_manifest}", "--root")
     classes = _classes(train, test, s)
     _check_audio(test, "--manifest", s.manifest)
     if train is not None:
@@ -149,8 +154,21 @@ def run_retrieval(settings: RetrievalSettings) -> Optional[RetrievalResult]:
     run_settings = {"protocol": "retrieval", "checkpoint": s.checkpoint, "random_init": s.random_init,
                     "ks": list(s.ks), "knn_k": s.knn_k, "temperature": s.knn_temperature, "batch": s.batch,
                     "seed": s.seed, "data": dataclasses.asdict(cfg.data)}
-    run = start_run(cfg.run_dir, run_settings, s.device, "fp32", {"checkpoint": pretrained.info, "protocol": "retrieval"},
-                    s.seed, device_option="--device")
+    run = start_run(run_dir, run_settings, s.device, "fp32", {"checkpoint": pretrained.info, "protocol": "retrieval"},
+                    s.seed, device_option="--device", overwrite=s.overwrite, elsewhere="--name or --out")
+    try:
+        return _retrieve(s, cfg, pretrained, test, train, classes, run)
+    except AvidfastError:
+        run.abandon()
+        raise
+
+
+def _retrieve(s: RetrievalSettings, cfg, pretrained, test: Manifest, train: Optional[Manifest],
+              classes: Optional[List[str]], run) -> Optional[RetrievalResult]:
+    """The embedding and scoring of :func:`run_retrieval`, once its run folder is started."""
+    from avidfast.eval.data import test_loader
+    from avidfast.eval.retrieval import evaluate_retrieval
+
     model = pretrained.model.to(run.device)
     progress = s.progress and run.rank == 0
     embedded = {}

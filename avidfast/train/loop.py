@@ -22,12 +22,13 @@ import torch
 import torch.distributed as dist
 
 from avidfast.checkpoints import store as ckpt
-from avidfast.checkpoints.build import build_criterion, build_model, load_reference_init
+from avidfast.checkpoints.build import build_criterion, build_model, load_reference_init, load_weights
 from avidfast.config import Config
 from avidfast.distributed import init_from_env
 from avidfast.errors import TrainingError
 from avidfast.train.metrics import MetricsSink
-from avidfast.train.run_folder import setup_logging, write_run_files
+from avidfast.train.run_folder import (TRAIN_RESULTS, check_writable_folder, held_results, replace_stale_logs,
+                                       setup_logging, write_run_files)
 from avidfast.train.step import TrainStep, autocast_dtype, to_channels_last
 
 __all__ = ["TrainResult", "TrainingError", "build_loader", "train"]
@@ -46,6 +47,7 @@ class TrainResult:
     clips_per_second: float
     model: torch.nn.Module  # the trained AVModel (unwrapped from DDP / compile), on its device
     criterion: torch.nn.Module  # the AVIDLoss / CMALoss with its banks (identical on every rank)
+    signal: Optional[int] = None  # the signal that interrupted it (signal.SIGTERM or signal.SIGINT)
 
 
 class _StopFlag:
@@ -53,6 +55,7 @@ class _StopFlag:
 
     def __init__(self):
         self.raised = False
+        self.signum: Optional[int] = None
         self._previous = {}
 
     def __enter__(self):
@@ -65,6 +68,7 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         self.raised = True
+        self.signum = signum
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -107,6 +111,21 @@ def _lr_at(cfg: Config, epoch: int) -> float:
 def _unwrap(model):
     model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
+
+
+class _Notes:
+    """Log lines of the start, kept until the run folder's log exists: nothing is written to the run
+    folder before every input has been read and checked."""
+
+    def __init__(self):
+        self.lines = []
+
+    def info(self, *args) -> None:
+        self.lines.append(args)
+
+    def replay(self, log) -> None:
+        for args in self.lines:
+            log.info(*args)
 
 
 @dataclass
@@ -158,6 +177,7 @@ class _Tally:
     clips: int = 0  # over all ranks
     last_loss: float = float("nan")
     interrupted: bool = False  # stopped by SIGTERM / SIGINT
+    signal: Optional[int] = None  # which
 
 
 def train(cfg: Config, *, resume: bool = False, max_steps: Optional[int] = None,
@@ -172,29 +192,36 @@ def train(cfg: Config, *, resume: bool = False, max_steps: Optional[int] = None,
 
     if not cfg.data.manifest:
         raise TrainingError("data.manifest is not set: --set data.manifest=PATH (a CSV from `avidfast prepare`)")
+    check_writable_folder(cfg.run_dir, "out_dir")
     rank, world, local_rank = init_from_env()
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     last_path = os.path.join(cfg.run_dir, ckpt.CHECKPOINT_DIR, ckpt.LAST)
     state = _previous_state(cfg.run_dir, last_path, resume)
     manifest = read_manifest(cfg.data.manifest, cfg.data.root)
-    cfg.check_num_items(len(manifest))  # a ConfigError before anything is written to run_dir
-    log = setup_logging(cfg.run_dir, rank)
-    if rank == 0:
-        write_run_files(cfg.run_dir, cfg.to_dict(), {"seed": cfg.seed, "world_size": world, "resumed": resume,
-                                                     "num_items": len(manifest)})
+    cfg.check_num_items(len(manifest))
     torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
 
-    model, criterion = _starting_point(cfg, len(manifest), state, trust_reference, device, log)
+    # Everything that reads and checks an input (checkpoints, statistics) runs before the run folder is written.
+    notes = _Notes()
+    model, criterion = _starting_point(cfg, len(manifest), state, trust_reference, device, notes)
     model = _place(model, cfg, world, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     amp_dtype = autocast_dtype(cfg.train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_epoch, skip_batches = 0, 0
     if state is not None:
-        start_epoch, skip_batches = _restore(state, model, criterion, optimizer, scaler)
-        log.info("resumed from %s: epoch %d, %d batches done", last_path, start_epoch, skip_batches)
+        start_epoch, skip_batches = _restore(state, model, criterion, optimizer, scaler, last_path, cfg)
+        notes.info("resumed from %s: epoch %d, %d batches done", last_path, start_epoch, skip_batches)
     net = _wrap(model, cfg, world, local_rank, device)
     loader = build_loader(cfg, manifest, rank, world, device)
+    stale = replace_stale_logs(cfg.run_dir) if state is None and rank == 0 else []
+    log = setup_logging(cfg.run_dir, rank)
+    if rank == 0:
+        write_run_files(cfg.run_dir, cfg.to_dict(), {"seed": cfg.seed, "world_size": world, "resumed": resume,
+                                                     "num_items": len(manifest)})
+    notes.replay(log)
+    if stale:
+        log.warning("replaced %s of an earlier start in %s that wrote no checkpoint", ", ".join(stale), cfg.run_dir)
     run = _Run(cfg, rank, world, device, last_path, len(manifest), model, net, criterion, optimizer, scaler, loader,
                TrainStep(net, criterion, optimizer, scaler, device, amp_dtype, cfg.train.channels_last),
                MetricsSink(cfg.run_dir, cfg.train.log_every, enabled=rank == 0), log)
@@ -220,6 +247,10 @@ def _previous_state(run_dir: str, last_path: str, resume: bool) -> Optional[Dict
     if os.path.isfile(last_path):
         raise TrainingError(f"{run_dir} already holds a run ({last_path}); pass --resume to continue it, "
                             "or choose another --set out_dir=... / name=...")
+    earlier = held_results(run_dir, TRAIN_RESULTS)
+    if earlier:
+        raise TrainingError(f"{run_dir} holds {', '.join(earlier)} of an earlier run, but no {ckpt.LAST} to resume "
+                            "from; a new run would write over them: choose another --set out_dir=... / name=...")
     return None
 
 
@@ -240,7 +271,8 @@ def _starting_point(cfg: Config, num_items: int, state: Optional[Dict], trust_re
                  cfg.loss.init_from_reference)
     elif cfg.loss.kind == "cma" and state is None:
         init = ckpt.load_checkpoint(cfg.loss.init_from, label="loss.init_from")
-        model.load_state_dict(ckpt.strip_module_prefix(init["model"]))
+        load_weights(model, ckpt.strip_module_prefix(init["model"]), f"loss.init_from {cfg.loss.init_from}",
+                     saved_config=init.get("config"), config=cfg)
         log.info("CMA starts from %s (epoch %s)", cfg.loss.init_from, init.get("epoch"))
     elif cfg.loss.kind == "cma":
         init = {"criterion": state["criterion"]}
@@ -260,11 +292,11 @@ def _place(model: torch.nn.Module, cfg: Config, world: int, device: torch.device
     return model
 
 
-def _restore(state: Dict, model, criterion, optimizer, scaler) -> Tuple[int, int]:
+def _restore(state: Dict, model, criterion, optimizer, scaler, path: str, cfg: Config) -> Tuple[int, int]:
     """Loads a resumed checkpoint's weights, banks, optimiser, scaler and RNG states; returns
     (epoch to continue, batches of it already done)."""
-    model.load_state_dict(state["model"])
-    criterion.load_state_dict(state["criterion"])
+    load_weights(model, state["model"], f"--resume {path}", saved_config=state.get("config"), config=cfg)
+    load_weights(criterion, state["criterion"], f"--resume {path}", what="memory banks and loss state")
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     ckpt.set_rng_state(state["rng"])
@@ -323,7 +355,7 @@ def _train_epoch(run: _Run, epoch: int, skip_batches: int, tally: _Tally, stop: 
         run.metrics.step(int(run.criterion.step), epoch + 1, tally.last_loss, run.optimizer.param_groups[0]["lr"],
                          clips_per_s, data_time, getattr(run.loader, "bad_samples", 0), result.logs)
         if _agreed(stop.raised or (max_steps is not None and tally.steps >= max_steps), run.world, run.device):
-            tally.interrupted = stop.raised
+            tally.interrupted, tally.signal = stop.raised, stop.signum
             run.save(epoch, batches_done)
             log.info("stopped at epoch %d, batch %d%s; resume with --resume", epoch + 1, batches_done,
                      " (signal)" if tally.interrupted else "")
@@ -358,7 +390,7 @@ def _finish(run: _Run, epochs_done: int, tally: _Tally) -> TrainResult:
                  _hms(elapsed), rate, tally.last_loss, run.last_path,
                  " (interrupted: resume with --resume)" if tally.interrupted else "")
     return TrainResult(run.cfg.run_dir, epochs_done, tally.steps, tally.last_loss, run.last_path, tally.interrupted,
-                       rate, run.model, run.criterion)
+                       rate, run.model, run.criterion, tally.signal)
 
 
 def _hms(seconds: float) -> str:

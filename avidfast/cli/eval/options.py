@@ -5,11 +5,14 @@ from avidfast.cli.common import UserError
 
 
 def add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint (required), --random-init, --trust."""
+    """--checkpoint (required), --random-init, --trust, --overwrite."""
     parser.add_argument("--checkpoint", required=True, metavar="CKPT",
                         help="avidfast checkpoint (runs/<name>/checkpoints/last.pt) or a released reference .pth.tar")
     parser.add_argument("--random-init", action="store_true",
-                        help="same architecture, freshly initialised weights and random banks (the baseline)")
+                        help="same architecture, freshly initialised weights and random banks (the baseline; its "
+                             "default run folder ends in -random)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the evaluation the run folder already holds (without it, such a folder is refused)")
     parser.add_argument("--trust", action="store_true",
                         help="allow a full unpickle of a reference checkpoint that weights_only=True cannot read "
                              "(only for files from a source you trust)")
@@ -31,4 +34,4 @@ def run_config_command(args: argparse.Namespace, protocol: str) -> None:
     cfg = load_eval_config(args.config, args.set)
     if cfg.protocol != protocol:
         raise UserError(f"{args.config}: protocol is '{cfg.protocol}'; use `avidfast eval {cfg.protocol}`")
-    run_config_protocol(cfg, args.checkpoint, random_init=args.random_init, trust=args.trust)
+    run_config_protocol(cfg, args.checkpoint, random_init=args.random_init, trust=args.trust, overwrite=args.overwrite)

@@ -2,7 +2,7 @@
 import argparse
 from typing import List
 
-from avidfast.cli.common import non_negative_int, positive_int
+from avidfast.cli.common import non_negative_int, positive_float, positive_int
 from avidfast.cli.eval.options import add_checkpoint_options
 from avidfast.data.audio import PRESETS as AUDIO_PRESETS
 
@@ -19,14 +19,6 @@ def k_list(text: str) -> List[int]:
     return ks
 
 
-def positive_float(text: str) -> float:
-    """A float option that must be above 0 (argparse type)."""
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
 def _retrieval(args: argparse.Namespace) -> None:
     from avidfast.eval.retrieval_protocol import RetrievalSettings, run_retrieval
 
@@ -35,7 +27,8 @@ def _retrieval(args: argparse.Namespace) -> None:
         random_init=args.random_init, trust=args.trust, clips_per_video=args.clips_per_video, batch=args.batch,
         workers=args.workers, ks=args.k, knn_k=args.knn_k, knn_temperature=args.knn_temperature, frames=args.frames,
         fps=args.fps, crop=args.crop, audio_preset=args.audio_preset, audio_stats=args.audio_stats, seed=args.seed,
-        device=args.device, progress=not args.no_progress, name=args.name, out=args.out))
+        device=args.device, progress=not args.no_progress, name=args.name, out=args.out,
+        overwrite=args.overwrite))
 
 
 def register(protocols) -> None:
@@ -75,5 +68,5 @@ def register(protocols) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--name", help="run name (None: retrieval)")
-    parser.add_argument("--out", help="run folder (None: runs/eval/NAME)")
+    parser.add_argument("--out", help="run folder (None: runs/eval/NAME, or runs/eval/NAME-random with --random-init)")
     parser.set_defaults(handler=_retrieval)
