@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import torch
 
-from avidfast.data.manifest import Manifest, ManifestError, check_files_exist, read_manifest
+from avidfast.data.manifest import Manifest, ManifestError, read_manifest
 from avidfast.errors import EvalError
 from avidfast.eval.config import EvalConfig
 
@@ -53,7 +53,6 @@ def labelled_split(cfg: EvalConfig) -> LabelledSplit:
     """The train / test manifests of ``cfg.data`` (raises ManifestError naming the file)."""
     d = cfg.data
     train = read_manifest(d.train_manifest, d.root)
-    check_files_exist(train, f"data.train_manifest {d.train_manifest}", "--set data.root")
     if not train.has_labels:
         raise ManifestError(f"{d.train_manifest}: the evaluation needs a 'label' on every row")
     classes = train.classes
@@ -61,7 +60,6 @@ def labelled_split(cfg: EvalConfig) -> LabelledSplit:
         raise ManifestError(f"{d.train_manifest}: needs at least 2 classes, has {len(classes)}")
     if d.test_manifest:
         test = read_manifest(d.test_manifest, d.root)
-        check_files_exist(test, f"data.test_manifest {d.test_manifest}", "--set data.root")
         if not test.has_labels:
             raise ManifestError(f"{d.test_manifest}: the evaluation needs a 'label' on every row")
         try:

@@ -138,6 +138,18 @@ def start_run(run_dir: str, config: Dict[str, Any], device_name: str, precision:
     return EvalRun(run_dir, rank, world, device, autocast_dtype(precision, device), writer, made_dir)
 
 
+def _check_manifests(cfg) -> None:
+    """Reads cfg.data's manifests before the run folder is started: ManifestError for a missing or
+    unlabelled one, or one whose files are not where its paths point (data.root)."""
+    from avidfast.data.manifest import check_files_exist
+    from avidfast.eval.data import labelled_split
+
+    split = labelled_split(cfg)
+    check_files_exist(split.train, f"data.train_manifest {cfg.data.train_manifest}", "--set data.root")
+    check_files_exist(split.test, f"data.test_manifest {cfg.data.test_manifest or cfg.data.train_manifest}",
+                      "--set data.root")
+
+
 def run_config_protocol(cfg, checkpoint: str, *, random_init: bool = False, trust: bool = False,
                         overwrite: bool = False):
     """Runs the config-driven protocol ``cfg.protocol`` (``linear``: :func:`~avidfast.eval.linear_protocol.
@@ -156,6 +168,7 @@ def run_config_protocol(cfg, checkpoint: str, *, random_init: bool = False, trus
     from avidfast.checkpoints.pretrained import load_pretrained
 
     runner = {"linear": run_linear_eval, "finetune": run_finetune}[cfg.protocol]
+    _check_manifests(cfg)
     pretrained = load_pretrained(checkpoint, random_init=random_init, seed=cfg.seed, trust=trust)
     run_dir = cfg.out_dir or default_run_dir(cfg.name, random_init)
     run = start_run(run_dir, cfg.to_dict(), cfg.run.device, cfg.run.precision,
