@@ -14,8 +14,8 @@ fi
 data=(--set "data.train_manifest=$demo/data/manifest.csv" --set "data.audio.stats=$demo/data/table5-stats.npz")
 out=$demo/eval
 for init in trained random; do
-    extra=()
-    [ "$init" = random ] && extra=(--random-init)
+    extra=(--overwrite)  # these folders are this script's: a rerun replaces them
+    [ "$init" = random ] && extra+=(--random-init)
     "$avidfast" eval linear demo-linear "${data[@]}" --set "out_dir=$out/linear-$init" --checkpoint "$checkpoint" ${extra[@]+"${extra[@]}"}
     "$avidfast" eval memory --checkpoint "$checkpoint" --out "$out/memory-$init" ${extra[@]+"${extra[@]}"}
     "$avidfast" eval finetune demo-finetune "${data[@]}" --set "out_dir=$out/finetune-$init" --checkpoint "$checkpoint" ${extra[@]+"${extra[@]}"}
