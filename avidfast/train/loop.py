@@ -443,8 +443,8 @@ def _non_finite_step(run: _Run, result, epoch: int, batches_done: int, tally: _T
     """A step TrainStep did not apply (NaN / inf): TrainingError (train.non_finite=stop, or too many
     skipped in a row), or a warning and the count (skip). The same decision on every rank."""
     cfg = run.cfg
-    where = (f"{result.problem} at step {int(run.criterion.step) + 1} (epoch {epoch + 1}, batch {batches_done}; "
-             f"this process is rank {run.rank})")
+    where = (f"{result.problem} at step {int(run.criterion.step) + 1} (epoch {epoch + 1}, batch {batches_done}"
+             + (f"; reported by rank {run.rank})" if run.world > 1 else ")"))
     if cfg.train.non_finite == "stop":
         raise TrainingError(f"{where}: the step was not applied and nothing was saved after it; {run.kept_words()}; "
                             "try a lower optim.lr or train.precision=fp32, or --set train.non_finite=skip to skip "

@@ -124,14 +124,18 @@ class TrainStep:
         bad = flags.view(world, 2).tolist()
         if not any(any(row) for row in bad):
             return None
-        parts = []
-        for index, what in ((0, "loss"), (1, "gradients")):
-            ranks = [r for r in range(world) if bad[r][index]]
-            if ranks:
-                value = f" ({float(loss):g})" if index == 0 and rank in ranks else ""
-                parts.append(f"non-finite {what}{value} on rank{'s' if len(ranks) > 1 else ''} "
-                             f"{', '.join(map(str, ranks))}")
+        loss_ranks = [r for r in range(world) if bad[r][0]]
+        grad_ranks = [r for r in range(world) if bad[r][1]]
+        value = f" ({float(loss):g})" if rank in loss_ranks else ""
+        if loss_ranks == grad_ranks:
+            return f"non-finite loss{value} and gradients on {_ranks(loss_ranks)}"
+        parts = [f"non-finite loss{value} on {_ranks(loss_ranks)}"] if loss_ranks else []
+        parts += [f"non-finite gradients on {_ranks(grad_ranks)}"] if grad_ranks else []
         return " and ".join(parts)
+
+
+def _ranks(ranks: Sequence[int]) -> str:
+    return ("ranks " if len(ranks) > 1 else "rank ") + ", ".join(map(str, ranks))
 
 
 def non_finite_gradients(params: Sequence[torch.Tensor]) -> torch.Tensor:
