@@ -178,7 +178,7 @@ def test_skipped_steps_change_nothing_and_are_counted(tiny_set, tmp_path, monkey
     skipped = train(_cfg(tiny_set, tmp_path / "skip", "train.non_finite=skip"))
     monkeypatch.setattr(loop, "TrainStep", _NoOpStep)
     reference = train(_cfg(tiny_set, tmp_path / "noop", "train.non_finite=skip"))
-    assert skipped.steps == reference.steps == 3 and skipped.epochs_done == 2
+    assert skipped.steps == reference.steps == 3 and skipped.epochs_done == 2 and skipped.skipped_steps == 1
     a, b = (ckpt.load_checkpoint(str(tmp_path / name / "checkpoints" / "last.pt")) for name in ("skip", "noop"))
     assert a["skipped_steps"] == b["skipped_steps"] == 1
     for part in ("model", "criterion"):  # BatchNorm statistics, banks, Z and step included
@@ -199,6 +199,15 @@ def test_skipping_is_bounded(tiny_set, tmp_path, monkeypatch):
                                             r"than train.max_skipped_steps=2\); nothing was saved after them; the last "
                                             r"checkpoint, .*last.pt \(end of epoch 1\), is kept as it was"):
         train(_cfg(tiny_set, tmp_path / "run", "train.non_finite=skip", "train.max_skipped_steps=2"))
+
+
+def test_an_epoch_of_skipped_steps_is_not_finished(tiny_set, tmp_path, monkeypatch):
+    monkeypatch.setattr(_PoisonedStep, "poisoned", {3, 4})
+    monkeypatch.setattr(loop, "TrainStep", _PoisonedStep)
+    with pytest.raises(TrainingError, match=r"^no step of epoch 2 was finite \(2 skipped\), so its checkpoint was not "
+                                            r"written; the last checkpoint, .*last.pt \(end of epoch 1\), is kept"):
+        train(_cfg(tiny_set, tmp_path / "run", "train.non_finite=skip"))
+    assert ckpt.load_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.pt"))["epoch"] == 1
 
 
 def test_no_checkpoint_is_written_from_a_non_finite_state(tiny_set, tmp_path, monkeypatch):

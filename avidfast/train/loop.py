@@ -53,6 +53,8 @@ class TrainResult:
     clips_per_second: float
     model: torch.nn.Module  # the trained AVModel (unwrapped from DDP / compile), on its device
     criterion: torch.nn.Module  # the AVIDLoss / CMALoss with its banks (identical on every rank)
+    skipped_steps: int = 0  # non-finite steps skipped in this call (train.non_finite=skip)
+    scaler_skipped: int = 0  # float16: optimiser steps the GradScaler skipped in this call
 
 
 class _StopFlag:
@@ -195,8 +197,11 @@ def train(cfg: Config, *, resume: bool = False, max_steps: Optional[int] = None,
           trust_reference: bool = False) -> TrainResult:
     """Runs (or resumes) the training of ``cfg``; returns what was done.
 
-    max_steps stops after that many optimiser steps in this call (with a mid-epoch checkpoint,
-    as on SIGTERM): used by tests and for quick trials. trust_reference lets
+    max_steps stops after that many batches in this call (optimiser steps, and non-finite steps
+    skipped with train.non_finite=skip), with a mid-epoch checkpoint as on SIGTERM: used by tests
+    and for quick trials. TrainingError when a step is not finite (train.non_finite=stop), when a
+    checkpoint would hold NaN / inf, or when the run's previous checkpoint (resume) or its starting
+    checkpoint (loss.init_from) holds NaN / inf or belongs to other manifest rows. trust_reference lets
     cfg.loss.init_from_reference be read beyond weights_only (see load_reference_checkpoint).
     """
     from avidfast.data.manifest import read_manifest
@@ -386,6 +391,7 @@ def _train_epoch(run: _Run, epoch: int, skip_batches: int, tally: _Tally, stop: 
     bar = _progress(len(run.loader), skip_batches, f"epoch {epoch + 1}/{cfg.optim.epochs}",
                     cfg.train.progress and run.rank == 0)
     batches_done = skip_batches
+    applied_before = tally.steps
     data_wait = time.perf_counter()
     for batch in run.loader:
         data_time = time.perf_counter() - data_wait
@@ -420,6 +426,10 @@ def _train_epoch(run: _Run, epoch: int, skip_batches: int, tally: _Tally, stop: 
         data_wait = time.perf_counter()
     if bar is not None:
         bar.close()
+    if tally.steps == applied_before and batches_done > skip_batches:
+        raise TrainingError(f"no step of epoch {epoch + 1} was finite ({batches_done - skip_batches} skipped), so its "
+                            f"checkpoint was not written; {run.kept_words()}; try a lower optim.lr or "
+                            "train.precision=fp32")
     keep = (epoch + 1) in cfg.train.keep_epochs or epoch + 1 == cfg.optim.epochs
     run.save(epoch + 1, 0, keep=keep)
     run.metrics.epoch(epoch + 1, tally.last_loss, getattr(run.loader, "bad_samples", 0))
@@ -483,7 +493,7 @@ def _finish(run: _Run, epochs_done: int, tally: _Tally) -> TrainResult:
                  f" ({'; '.join(skipped)})" if skipped else "",
                  " (interrupted: resume with --resume)" if tally.interrupted else "")
     return TrainResult(run.cfg.run_dir, epochs_done, tally.steps, tally.last_loss, run.last_path, tally.interrupted,
-                       rate, run.model, run.criterion)
+                       rate, run.model, run.criterion, tally.skipped, tally.scaler_skipped)
 
 
 def _hms(seconds: float) -> str:
