@@ -22,3 +22,8 @@ class EvalError(AvidfastError, ValueError):
 
 class TrainingError(AvidfastError, RuntimeError):
     """A problem that stops training (or its start from a checkpoint), with what to do about it."""
+
+
+class NonFiniteError(AvidfastError, FloatingPointError):
+    """A loss, gradient or state that is NaN or infinite, refused before it reaches weights, memory
+    banks, partition constants or checkpoints: the message says where (step, rank) and what to try."""
