@@ -79,9 +79,11 @@ def _cuda_archs() -> str:
 if with_cuda:
     sources += _relative("csrc/ops/cuda/*.cu")
     # Recorded in the library for `avidfast info`; written with commas (shell-safe in build.ninja)
-    # and turned into a string literal by the preprocessor (csrc/module.cpp).
+    # and turned into a string literal by the preprocessor (csrc/module.cpp). C++ only: nvcc
+    # splits a -D value at commas (-DX=8.0,9.0+PTX would define a macro named "9.0+PTX").
     archs = ",".join(a for a in _cuda_archs().replace(" ", ";").split(";") if a)
-    define_macros += [("AVIDFAST_WITH_CUDA", None), ("AVIDFAST_CUDA_ARCH_TOKENS", archs)]
+    define_macros += [("AVIDFAST_WITH_CUDA", None)]
+    cxx_flags += [f"-DAVIDFAST_CUDA_ARCH_TOKENS={archs}"]
     extension_type = CUDAExtension
     extra_compile_args = {"cxx": cxx_flags, "nvcc": nvcc_flags}
 else:

@@ -21,6 +21,7 @@ from avidfast.models.av import PRESETS as MODEL_PRESETS
 from avidfast.ops.cma import AGREEMENTS
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+NON_FINITE_STEPS = ("stop", "skip")
 PIPELINES = ("cpu", "dali")
 LOSS_KINDS = ("avid", "cma")
 
@@ -196,6 +197,13 @@ class TrainSection:
     keep_epochs: List[int] = field(default_factory=list)  # epochs whose checkpoints are kept
     log_every: int = 10  # steps between TensorBoard scalars
     progress: bool = True
+    # a step whose loss or gradients are NaN / inf is never applied; stop: end the run with an error
+    # (default), skip: drop the step, count it and go on (at most max_skipped_steps in a row)
+    non_finite: str = "stop"
+    max_skipped_steps: int = 10
+    # --resume and loss.init_from refuse a checkpoint trained on other manifest rows (memory slot i is
+    # row i); true continues anyway
+    allow_manifest_change: bool = False
 
 
 @dataclass
@@ -222,15 +230,19 @@ class Config:
             "loss.bank_dtype": (self.loss.bank_dtype, tuple(STORAGE_DTYPES)),
             "loss.agreement": (self.loss.agreement, AGREEMENTS),
             "train.precision": (self.train.precision, PRECISIONS),
+            "train.non_finite": (self.train.non_finite, NON_FINITE_STEPS),
         }
         positive = {
             "optim.batch_size": self.optim.batch_size, "optim.epochs": self.optim.epochs,
             "data.video.frames": self.data.video.frames, "data.video.crop": self.data.video.crop,
             "model.width": self.model.width, "model.head_layers": self.model.head_layers,
             "loss.num_negatives": self.loss.num_negatives,
-            "train.log_every": self.train.log_every,
+            "train.log_every": self.train.log_every, "train.max_skipped_steps": self.train.max_skipped_steps,
         }
         check_values(choices, positive)
+        if self.optim.samples_per_epoch is not None and self.optim.samples_per_epoch < 1:
+            raise ConfigError(f"optim.samples_per_epoch must be positive (or null: one pass over the manifest), got "
+                              f"{self.optim.samples_per_epoch}; an epoch of no clips makes no step")
         if self.data.workers < 0:
             raise ConfigError(f"data.workers must be 0 or more, got {self.data.workers}")
         require(_number(self.data.max_bad_fraction) and 0 <= self.data.max_bad_fraction <= 1,
@@ -304,6 +316,28 @@ class Config:
         raise ConfigError(f"loss.num_negatives={self.loss.num_negatives} does not fit {where}: it has {num_items} "
                           f"rows, and a clip's negatives are drawn from {pool} ({rule}); {fix}")
 
+    def check_epoch_size(self, num_items: int, world_size: int = 1) -> int:
+        """Optimiser steps per epoch on every rank; ConfigError when an epoch would make none.
+
+        An epoch reads optim.samples_per_epoch clips (default: the manifest's ``num_items`` rows),
+        spread over ``world_size`` processes and padded so that each reads
+        ceil(clips / world_size) (avidfast.data.sampling.ShardedEpochSampler); each process cuts
+        them into batches of optim.batch_size and drops the incomplete last one.
+        """
+        clips = self.optim.samples_per_epoch if self.optim.samples_per_epoch is not None else num_items
+        per_rank = -(-clips // world_size)
+        steps = per_rank // self.optim.batch_size
+        if steps >= 1:
+            return steps
+        source = (f"optim.samples_per_epoch={clips}" if self.optim.samples_per_epoch is not None
+                  else f"the {num_items} rows of the manifest (optim.samples_per_epoch is unset)")
+        spread = (f" over {world_size} processes ({per_rank} each)" if world_size > 1 else "")
+        need = self.optim.batch_size * world_size
+        raise ConfigError(f"an epoch makes no training step: it reads {source}{spread}, fewer than one batch of "
+                          f"optim.batch_size={self.optim.batch_size} per process (the incomplete last batch is "
+                          f"dropped); --set optim.batch_size={per_rank} or less, or --set "
+                          f"optim.samples_per_epoch={need} or more")
+
     @property
     def run_dir(self) -> str:
         return self.out_dir or os.path.join("runs", self.name)
@@ -343,7 +377,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or (isinstance(value, float) and not math.isfinite(value)) or int(value) != value):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(value)
     if hint is float:
@@ -354,6 +389,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

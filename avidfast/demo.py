@@ -136,6 +136,9 @@ def run_demo(settings: DemoSettings) -> Dict[str, object]:
     if cfg.loss.num_negatives > len(manifest) - 2:  # a toy-sized set has fewer other videos than K
         overrides.append(f"loss.num_negatives={len(manifest) - 2}")
         cfg = load_config("demo", overrides)
+    if cfg.optim.samples_per_epoch is None and cfg.optim.batch_size > len(manifest):  # ... or than one batch
+        overrides.append(f"optim.batch_size={len(manifest)}")
+        cfg = load_config("demo", overrides)
     preset = get_preset(cfg.data.audio.preset)
     stats_path = os.path.join(out, "data", f"{preset.name}-stats.npz")
     if not os.path.isfile(stats_path):

@@ -27,3 +27,8 @@ class TrainingError(AvidfastError, RuntimeError):
 class RunFolderError(AvidfastError, ValueError):
     """A run folder (training's out_dir, an evaluation's) that cannot be used: it cannot be written, or it
     holds another run's results."""
+
+
+class NonFiniteError(AvidfastError, FloatingPointError):
+    """A loss, gradient or state that is NaN or infinite, refused before it reaches weights, memory
+    banks, partition constants or checkpoints: the message says where (step, rank) and what to try."""

@@ -164,3 +164,94 @@ def test_memory_bank_rejects_bad_arguments():
         MemoryBank(1)
     with pytest.raises(ValueError, match="dim"):
         MemoryBank(10, dim=0)
+
+
+def _state(criterion):
+    return {key: value.clone() for key, value in criterion.state_dict().items()}
+
+
+def _assert_same_state(criterion, before):
+    for key, value in criterion.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} changed"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_first_batch_leaves_z_unset_and_the_banks_untouched(bad):
+    from avidfast.errors import NonFiniteError
+
+    criterion = AVIDLoss(100, dim=8, num_negatives=10, seed=1)
+    before = _state(criterion)
+    video, audio, index = torch.randn(6, 8), torch.randn(6, 8), torch.arange(6)
+    poisoned = video.clone()
+    poisoned[3, 2] = bad
+    with pytest.raises(NonFiniteError, match=r"AVIDLoss \(step 0\): the first estimates of the partition constant Z "
+                                             r"are not finite and positive \(v2a nan\): Z stays unset; the "
+                                             r"banks, Z and the step counter are unchanged"):
+        criterion(poisoned, audio, index)
+    _assert_same_state(criterion, before)
+    assert criterion._estimated == set() and (criterion.Z < 0).all()
+    # the next finite batch starts the criterion exactly as if the bad one had never come
+    loss, _ = criterion(video, audio, index)
+    fresh = AVIDLoss(100, dim=8, num_negatives=10, seed=1)
+    expected, _ = fresh(video, audio, index)
+    assert torch.isfinite(loss) and torch.equal(loss, expected)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(criterion.state_dict()[key], value), key
+    assert torch.isfinite(criterion.Z).all() and int(criterion.step) == 1
+
+
+def test_a_non_finite_row_is_never_written_into_the_banks():
+    from avidfast.errors import NonFiniteError
+
+    criterion = AVIDLoss(100, dim=8, num_negatives=10, seed=1)
+    criterion(torch.randn(6, 8), torch.randn(6, 8), torch.arange(6))  # Z estimated, step 1
+    before = _state(criterion)
+    audio = torch.randn(6, 8)
+    audio[5] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"AVIDLoss \(step 1\): the loss is nan; the banks, Z and the step counter "
+                                             r"are unchanged.*non_finite='skip'"):
+        criterion(torch.randn(6, 8), audio, torch.arange(10, 16))
+    _assert_same_state(criterion, before)
+    assert torch.isfinite(criterion.audio_memory.memory).all()
+
+
+def test_skip_mode_counts_the_batch_and_returns_its_loss():
+    criterion = AVIDLoss(100, dim=8, num_negatives=10, seed=1, non_finite="skip")
+    video = torch.randn(6, 8)
+    video[0] = float("nan")
+    before = _state(criterion)
+    loss, logs = criterion(video, torch.randn(6, 8), torch.arange(6))
+    assert torch.isnan(loss) and torch.isnan(logs["loss"]) and criterion.skipped_updates == 1
+    _assert_same_state(criterion, before)
+    loss, _ = criterion(torch.randn(6, 8), torch.randn(6, 8), torch.arange(6))
+    assert torch.isfinite(loss) and int(criterion.step) == 1 and criterion.skipped_updates == 1
+    with pytest.raises(ValueError, match="non_finite must be one of"):
+        AVIDLoss(100, dim=8, num_negatives=10, non_finite="ignore")
+
+
+def test_commit_false_defers_the_update_until_commit():
+    immediate = AVIDLoss(100, dim=8, num_negatives=10, seed=2)
+    deferred = AVIDLoss(100, dim=8, num_negatives=10, seed=2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        video, audio, index = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g), torch.randperm(100, generator=g)[:6]
+        expected, _ = immediate(video, audio, index)
+        before = _state(deferred)
+        loss, _ = deferred(video, audio, index, commit=False)
+        _assert_same_state(deferred, before)  # nothing applied yet
+        with pytest.raises(RuntimeError, match="still pending.*commit\\(\\) or discard\\(\\)"):
+            deferred(video, audio, index)
+        assert torch.equal(loss, expected) and deferred.commit()
+    for key, value in immediate.state_dict().items():
+        assert torch.equal(deferred.state_dict()[key], value), key
+    before = _state(deferred)
+    deferred(torch.randn(6, 8), torch.randn(6, 8), torch.arange(6), commit=False)
+    deferred.discard()
+    _assert_same_state(deferred, before)
+    with pytest.raises(RuntimeError, match="nothing to commit"):
+        deferred.commit()
+    video = torch.randn(6, 8)
+    video[2, 0] = float("inf")
+    deferred(video, torch.randn(6, 8), torch.arange(6), commit=False)
+    assert not deferred.commit()  # refused: the gathered embeddings are not finite
+    _assert_same_state(deferred, before)

@@ -128,3 +128,25 @@ def test_forward_before_mining_says_what_to_do():
 def test_bad_configuration_raises(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CMALoss(NUM_ITEMS, DIM, **{"num_negatives": 100, "num_negatives_within": 10, **kwargs})
+
+
+def test_a_non_finite_batch_changes_nothing():
+    from avidfast.errors import NonFiniteError
+
+    cma = CMALoss(NUM_ITEMS, DIM, num_negatives=50, num_negatives_within=10, num_positives=4)
+    cma.mine_positives(progress=False)
+    before = {key: value.clone() for key, value in cma.state_dict().items()}
+    video = torch.randn(8, DIM)
+    video[4] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"CMALoss \(step 0\): the first estimates of the partition constant Z.*"
+                                             r"Z stays unset"):
+        cma(video, torch.randn(8, DIM), torch.randperm(NUM_ITEMS)[:8])
+    for key, value in cma.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    cma.non_finite = "skip"
+    loss, _ = cma(video, torch.randn(8, DIM), torch.randperm(NUM_ITEMS)[:8])
+    assert torch.isnan(loss) and cma.skipped_updates == 1
+    for key, value in cma.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert CMALoss.from_avid(AVIDLoss(NUM_ITEMS, DIM, num_negatives=40, non_finite="skip"), num_negatives=50,
+                             num_negatives_within=10, num_positives=4).non_finite == "skip"

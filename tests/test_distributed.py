@@ -119,3 +119,42 @@ def test_all_gather_rows_concatenates_uneven_ranks_in_rank_order(sizes):
     assert torch.equal(all_gather_rows([alone])[0], alone)  # no process group: the rows themselves
     with pytest.raises(ValueError, match="same number of rows"):
         all_gather_rows([alone, torch.arange(3)])
+
+
+def _non_finite_worker(rank, world, init_file, out_dir, sizes):
+    from avidfast.errors import NonFiniteError
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        loss_fn = AVIDLoss(NUM_ITEMS, dim=DIM, num_negatives=25, seed=9)
+        start = sum(sizes[:rank])
+        refused = []
+        for step, (video, audio, index) in enumerate(_batches(sizes)):
+            rows = slice(start, start + sizes[rank])
+            video = video[rows].clone()
+            if step == 1 and rank == 1:
+                video[0, 0] = float("nan")  # one bad row on one rank only
+            try:
+                loss_fn(video, audio[rows], index[rows])
+            except NonFiniteError as error:
+                refused.append((step, str(error)))
+        torch.save({"state": loss_fn.state_dict(), "refused": refused}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_non_finite_row_on_one_rank_is_refused_on_every_rank():
+    sizes = (4, 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_non_finite_worker, args=(2, os.path.join(tmp, "init"), tmp, list(sizes)), nprocs=2, join=True)
+        ranks = [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=True) for r in range(2)]
+    assert [step for step, _ in ranks[0]["refused"]] == [step for step, _ in ranks[1]["refused"]] == [1]
+    assert "rank 0" in ranks[0]["refused"][0][1] and "rank 1" in ranks[1]["refused"][0][1]
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), f"{key} differs between ranks"
+    single = AVIDLoss(NUM_ITEMS, dim=DIM, num_negatives=25, seed=9)  # the same run without the bad step
+    for step, batch in enumerate(_batches(sizes)):
+        if step != 1:
+            single(*batch)
+    for key, value in single.state_dict().items():
+        assert torch.equal(ranks[0]["state"][key], value), key

@@ -501,7 +501,8 @@ def _check_channels_last(preset, train):
     with torch.no_grad():
         ref = model(video, audio)
         ref_feats = model.video.features(video)
-        model.to_channels_last()
+        model.video.to(memory_format=torch.channels_last_3d)  # as the training loop does
+        model.audio.to(memory_format=torch.channels_last)
         assert model.video.block3[0].spt_conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
         assert model.audio.block3[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
         video_cl = video.contiguous(memory_format=torch.channels_last_3d)

@@ -3,10 +3,12 @@
 :func:`load_pretrained` returns the :class:`AVModel`, the memory banks and, for avidfast
 checkpoints, the training configuration. ``random_init=True`` gives the same architecture with
 freshly initialised weights and banks: the baseline every protocol is compared against.
+:func:`locate_training_manifest` finds the manifest an avidfast checkpoint was trained on (its
+rows are the memory slots) from what the checkpoint records, wherever the command runs.
 """
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -24,7 +26,9 @@ class Pretrained:
     ``model``: the AVModel (CPU, eval mode); ``video_bank`` / ``audio_bank``: (N, D) memory rows
     (``None`` when the checkpoint has none); ``train_config``: the avidfast training Config (``None``
     for reference checkpoints); ``source``: ``"avidfast"`` or ``"reference"``; ``info``: what was
-    inferred or loaded (architecture, epoch, path).
+    inferred or loaded (architecture, epoch, path); ``manifest``: what an avidfast checkpoint
+    records of its training manifest (avidfast.checkpoints.store.manifest_record; ``None`` for
+    reference checkpoints and avidfast checkpoints written before it was recorded).
     """
 
     model: torch.nn.Module
@@ -33,6 +37,7 @@ class Pretrained:
     train_config: Optional[object]
     source: str
     info: Dict[str, object] = field(default_factory=dict)
+    manifest: Optional[Dict[str, Any]] = None
 
 
 def _reinitialise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -96,6 +101,7 @@ def load_pretrained(path: str, *, random_init: bool = False, seed: int = 0, trus
         info = {"path": path, "epoch": state.get("epoch"), "preset": cfg.model.preset, "width": cfg.model.width,
                 "embed_dim": cfg.model.embed_dim, "loss": cfg.loss.kind}
         source, train_config = "avidfast", cfg
+        manifest = (state.get("meta") or {}).get("manifest")
     else:
         from avidfast.checkpoints import reference
 
@@ -109,12 +115,55 @@ def load_pretrained(path: str, *, random_init: bool = False, seed: int = 0, trus
         loss_state = loss_state or {}
         video_bank, audio_bank = loss_state.get("video_memory.memory"), loss_state.get("audio_memory.memory")
         info = dict(info, path=path)
-        source, train_config = "reference", None
+        source, train_config, manifest = "reference", None, None
     if random_init:
         model = _reinitialise(model, seed)
         if video_bank is not None:
             video_bank, audio_bank = _random_banks(video_bank.shape[0], video_bank.shape[1], seed)
         info = dict(info, random_init=True, seed=seed)
     model.eval()
-    return Pretrained(model, video_bank, audio_bank, train_config, source, info)
+    return Pretrained(model, video_bank, audio_bank, train_config, source, info, manifest)
+
+
+def locate_training_manifest(pretrained: Pretrained, option: str = "--labels") -> Tuple[str, Optional[str]]:
+    """(path, root) of the manifest an avidfast checkpoint was trained on, for reading its rows.
+
+    Looks, in order, at the path recorded relative to the run folder (the checkpoint's
+    ``<run>/checkpoints/`` parent: runs and data moved together), the recorded absolute path and
+    the config's data.manifest as given (relative to where training ran); the first file whose
+    rows have the recorded fingerprint is it (any existing file, for checkpoints without a
+    record). root: the run's data.root when it was set and still exists, else None (the CSV's
+    folder). PretrainedError naming ``option`` (how the caller's user passes a manifest) when none
+    is found or none has the recorded rows.
+    """
+    from avidfast.data.manifest import manifest_fingerprint, read_manifest
+
+    cfg, record = pretrained.train_config, pretrained.manifest or {}
+    checkpoint = str(pretrained.info.get("path", "the checkpoint"))
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    candidates: List[str] = []
+    if record.get("from_run_dir"):
+        candidates.append(os.path.normpath(os.path.join(run_dir, record["from_run_dir"])))
+    if record.get("path"):
+        candidates.append(record["path"])
+    if cfg is not None and cfg.data.manifest:
+        candidates.append(cfg.data.manifest)
+    candidates = list(dict.fromkeys(candidates))
+    if not candidates:
+        raise PretrainedError(f"{checkpoint}: records no training manifest; pass {option} PATH (the manifest the "
+                              "model was trained on: row i is memory slot i)")
+    root = cfg.data.root if cfg is not None and cfg.data.root and os.path.isdir(cfg.data.root) else None
+    expected, differing = record.get("fingerprint"), []
+    for path in candidates:
+        if not os.path.isfile(path):
+            continue
+        if expected is None or manifest_fingerprint(read_manifest(path, root)) == expected:
+            return path, root
+        differing.append(path)
+    if differing:
+        raise PretrainedError(f"{checkpoint}: {', '.join(differing)} does not list the videos it was trained on (its "
+                              f"rows differ from the recorded ones, fingerprint {expected[:12]}); pass {option} PATH "
+                              "(the manifest the model was trained on: row i is memory slot i)")
+    raise PretrainedError(f"{checkpoint}: the manifest it was trained on is not found (looked for "
+                          f"{', '.join(candidates)}); pass {option} PATH (that manifest: row i is memory slot i)")
 

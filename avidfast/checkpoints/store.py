@@ -14,7 +14,7 @@ import pickle
 import random
 import re
 import sys
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -144,6 +144,39 @@ def load_checkpoint(path: str, map_location: Any = "cpu", *, trust: bool = False
                     trust_option: Optional[str] = None, label: str = "checkpoint") -> Any:
     """The object saved in ``path``, read as :func:`read_checkpoint` says."""
     return read_checkpoint(path, map_location, trust=trust, trust_option=trust_option, label=label)[0]
+
+
+def non_finite_tensors(state: Mapping[str, Any], parts: Tuple[str, ...] = ("model", "criterion")) -> List[str]:
+    """Names ("part.key") of the floating tensors of ``state[part]`` that hold NaN or inf: a
+    checkpoint must never be written, resumed or started from with any."""
+    names = []
+    for part in parts:
+        for key, value in (state.get(part) or {}).items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                names.append(f"{part}.{key}")
+    return names
+
+
+def describe_names(names: List[str], shown: int = 3) -> str:
+    """'a, b, c and 4 more' for a list of names."""
+    text = ", ".join(names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def manifest_record(manifest_path: str, manifest, run_dir: str) -> Dict[str, Any]:
+    """What a checkpoint records about the manifest whose row i is its memory slot i, so that the
+    run's data can be found and checked again: ``path`` (absolute), ``from_run_dir`` (the path
+    relative to the run folder, which survives moving runs and data together), ``root``
+    (absolute), ``rows`` and ``fingerprint`` (avidfast.data.manifest.manifest_fingerprint)."""
+    from avidfast.data.manifest import manifest_fingerprint
+
+    path = os.path.abspath(manifest_path)
+    try:
+        from_run_dir = os.path.relpath(path, os.path.abspath(run_dir))
+    except ValueError:  # another drive
+        from_run_dir = None
+    return {"path": path, "from_run_dir": from_run_dir, "root": manifest.root, "rows": len(manifest),
+            "fingerprint": manifest_fingerprint(manifest)}
 
 
 def rng_state() -> Dict[str, Any]:

@@ -10,8 +10,10 @@ are kept and written back unchanged.
 has instead a ``labels`` column: the row's class names joined by ``LABELS_SEPARATOR``.
 """
 import csv
+import hashlib
 import io
 import os
+import posixpath
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -77,6 +79,22 @@ class Manifest:
             raise ManifestError(f"labels {unknown[:5]} are not among the {len(lookup)} given classes "
                                 "(is this manifest from the same data set as the training one?)")
         return [unlabelled if label is None else lookup[label] for label in labelled]
+
+
+def manifest_fingerprint(manifest: Manifest) -> str:
+    """sha256 (hex) of the rows' video paths in order, each relative to the manifest's root.
+
+    It names which video each memory slot holds: the same rows in the same order give the same
+    fingerprint wherever the data set (CSV and videos together) is moved; another order, another
+    video or a row more or less gives another one. Labels and metadata columns do not count.
+    """
+    digest = hashlib.sha256()
+    for row in manifest.rows:
+        path = str(row["path"])
+        if os.path.isabs(path):
+            path = os.path.relpath(path, manifest.root)
+        digest.update(posixpath.normpath(path.replace(os.sep, "/")).encode("utf-8") + b"\n")
+    return digest.hexdigest()
 
 
 def _natural_key(text: str):

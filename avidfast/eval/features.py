@@ -70,13 +70,6 @@ class FeatureSet:
             None if self.label is None else self.label[rows], dict(self.meta),
         )
 
-    def blocks_subset(self, blocks: Sequence[str]) -> "FeatureSet":
-        """The same clips with only ``blocks`` (in that order)."""
-        missing = [b for b in blocks if b not in self.features]
-        if missing:
-            raise KeyError(f"blocks {missing} not in this FeatureSet (it has {self.blocks})")
-        return FeatureSet({b: self.features[b] for b in blocks}, self.index, self.clip, self.label, dict(self.meta))
-
     def save(self, path: str) -> None:
         """Writes the set with torch.save (tensors and plain types only)."""
         torch.save({"features": self.features, "index": self.index, "clip": self.clip, "label": self.label,

@@ -1,7 +1,8 @@
 """`avidfast eval memory`: the memory probe of a checkpoint, from its path to results.json (Table 2).
 
 :func:`run_memory_probe` loads the checkpoint's memory banks, labels their slots from a manifest
-(row i = slot i; the checkpoint's training manifest by default), starts the run folder
+(row i = slot i; by default the checkpoint's training manifest, found from what the checkpoint
+records: avidfast.checkpoints.pretrained.locate_training_manifest), starts the run folder
 ``runs/eval/<name>/``, runs :func:`~avidfast.eval.memory_probe.memory_probe` and writes
 results.json. Class indices are positions in ``Manifest.classes``, as in every other protocol;
 rows without a label are left out of the probe.
@@ -9,6 +10,7 @@ rows without a label are left out of the probe.
 Errors name the settings as the command line's options (``--labels``, ``--device``), since the
 command passes them through unchanged.
 """
+import logging
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -16,6 +18,8 @@ from typing import List, Optional, Tuple
 from avidfast.data.manifest import Manifest
 from avidfast.errors import EvalError
 from avidfast.eval.memory_probe import MemoryProbeResult
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,22 +69,27 @@ def run_memory_probe(settings: MemoryProbeSettings) -> MemoryProbeResult:
     Raises PretrainedError (checkpoint), ManifestError (labels manifest) or EvalError (no banks,
     labels that do not fit the banks, device, split fraction), each naming the input.
     """
-    from avidfast.data.manifest import read_manifest
+    from avidfast.data.manifest import manifest_fingerprint, read_manifest
     from avidfast.eval.memory_probe import memory_probe
-    from avidfast.checkpoints.pretrained import load_pretrained
+    from avidfast.checkpoints.pretrained import load_pretrained, locate_training_manifest
     from avidfast.eval.run import start_run
 
     s = settings
     pretrained = load_pretrained(s.checkpoint, random_init=s.random_init, seed=s.seed, trust=s.trust)
     if pretrained.video_bank is None or pretrained.audio_bank is None:
         raise EvalError(f"{s.checkpoint}: holds no memory banks")
-    labels_path = s.labels
+    labels_path, root = s.labels, s.root
     if labels_path is None:
         cfg = pretrained.train_config
-        if cfg is None or not cfg.data.manifest:
+        if cfg is None or not (cfg.data.manifest or pretrained.manifest):
             raise EvalError("--labels: required (the training manifest, with labels, whose rows are the bank's slots)")
-        labels_path = cfg.data.manifest
-    manifest = read_manifest(labels_path, s.root)
+        labels_path, found_root = locate_training_manifest(pretrained, "--labels")
+        root = root if root is not None else found_root
+    manifest = read_manifest(labels_path, root)
+    recorded = (pretrained.manifest or {}).get("fingerprint")
+    if s.labels is not None and recorded and not s.random_init and manifest_fingerprint(manifest) != recorded:
+        log.warning("--labels %s does not list the videos %s was trained on in the same order (rows fingerprint "
+                    "differs): slot i may not be row i", s.labels, s.checkpoint)
     n = pretrained.video_bank.shape[0]
     if len(manifest) != n:
         raise EvalError(f"--labels {labels_path}: {len(manifest)} rows, but the banks have {n} slots; "

@@ -34,7 +34,8 @@ class CMALoss(BankPairLoss):
       w_inst: v_i vs the video bank and a_i vs the audio bank, positive the instance itself;
       x_pos:  cross-modal, positives P_i (their NCE terms averaged), first K_w negatives;
       w_pos:  within-modal, positives P_i, first K_w negatives (the paper: V[p] for p in P_i).
-    The defaults (x_inst = w_pos = 1) are the paper's 0.5 / 0.5 mix. Banks are updated as in AVID.
+    The defaults (x_inst = w_pos = 1) are the paper's 0.5 / 0.5 mix. Banks, Z and the step are
+    updated as in AVID, only when finite (``non_finite``, ``commit``: see AVIDLoss).
 
     Args:
         num_items, dim, num_negatives, temperature, momentum, bank_dtype, seed: as AVIDLoss.
@@ -44,6 +45,7 @@ class CMALoss(BankPairLoss):
         resample_every: epochs between re-mining the positive sets.
         x_inst, w_inst, x_pos, w_pos: term weights (normalised to sum 1; zero drops a term).
         precision: cma_topk's precision for mining ("highest", or "high" to allow TF32 on CUDA).
+        non_finite: "raise" or "skip" (see AVIDLoss).
 
     Buffers: those of BankPairLoss, plus positives (N, k) int64, each row sorted ascending
     (-1 until mined) and positives_epoch (int64, the epoch they were mined at, -1 before).
@@ -67,6 +69,7 @@ class CMALoss(BankPairLoss):
         seed: int = 0,
         bank_dtype: torch.dtype = torch.float32,
         precision: str = "highest",
+        non_finite: str = "raise",
     ):
         if agreement not in AGREEMENTS:
             raise ValueError(f"agreement must be one of {AGREEMENTS}, got {agreement!r}")
@@ -89,7 +92,7 @@ class CMALoss(BankPairLoss):
             raise ValueError(f"term weights must be finite, >= 0 and not all zero, got {weights}")
         if precision not in ("highest", "high"):
             raise ValueError(f"precision must be 'highest' or 'high', got {precision!r}")
-        super().__init__(num_items, dim, num_negatives, temperature, momentum, bank_dtype, seed)
+        super().__init__(num_items, dim, num_negatives, temperature, momentum, bank_dtype, seed, non_finite)
         total = sum(weights.values())
         self.weights = {name: w / total for name, w in weights.items() if w > 0}
         self.num_negatives_within = num_negatives_within
@@ -109,11 +112,11 @@ class CMALoss(BankPairLoss):
         Args:
             avid: an AVIDLoss, or its state_dict (e.g. checkpoint["criterion"]).
             **kwargs: CMALoss arguments; num_items and dim come from the banks, and with an
-                AVIDLoss its temperature, momentum and seed are the defaults.
+                AVIDLoss its temperature, momentum, seed and non_finite are the defaults.
         """
         if isinstance(avid, AVIDLoss):
             state = avid.state_dict()
-            for name in ("temperature", "momentum", "seed"):
+            for name in ("temperature", "momentum", "seed", "non_finite"):
                 kwargs.setdefault(name, getattr(avid, name))
         else:
             state = dict(avid)
@@ -172,12 +175,13 @@ class CMALoss(BankPairLoss):
             self.mine_positives(epoch, progress)
 
     def forward(
-        self, video_emb: torch.Tensor, audio_emb: torch.Tensor, index: torch.Tensor
+        self, video_emb: torch.Tensor, audio_emb: torch.Tensor, index: torch.Tensor, *, commit: bool = True
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """Loss of one batch and bank update; same contract as AVIDLoss.forward.
+        """Loss of one batch and bank update; same contract as AVIDLoss.forward (commit too).
 
         logs maps "loss" and "loss/<term>" (x_inst, w_inst, x_pos, w_pos with weight > 0).
         """
+        self.check_nothing_pending()
         embeddings = self.normalized_batch(video_emb, audio_emb, index)
         if not self._mined:
             if bool((self.positives < 0).any()):
@@ -192,15 +196,15 @@ class CMALoss(BankPairLoss):
             index, self.num_items, self.num_negatives, self.seed, self.step, positives, row_offset=layout.offset
         )
         within = negatives[:, : self.num_negatives_within]
-        self.estimate_partitions([pair for name in self.weights for pair in TERMS[name]], embeddings, negatives)
+        partitions = self.estimate_partitions([pair for name in self.weights for pair in TERMS[name]], embeddings,
+                                              negatives)
         terms = {}
         for name, weight in self.weights.items():
             pos, neg = (index, negatives) if name.endswith("inst") else (positives, within)
-            directions = [self.pair_loss(pair, embeddings, pos, neg) for pair in TERMS[name]]
+            directions = [self.pair_loss(pair, embeddings, pos, neg, partitions) for pair in TERMS[name]]
             terms[name] = (weight, 0.5 * (directions[0] + directions[1]))
         loss, logs = weighted_terms(terms)
-        self.update_banks(layout, index, embeddings)
-        return loss, logs
+        return self.stage(loss, logs, layout, index, embeddings, partitions, commit)
 
     def extra_repr(self) -> str:
         weights = ", ".join(f"{name}={w:.3g}" for name, w in self.weights.items())

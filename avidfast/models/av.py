@@ -75,12 +75,6 @@ class AVModel(nn.Module):
         audio = AudioEncoder(preset, width, **audio_kwargs)
         return cls(video, audio, embed_dim, hidden, head_layers, head_input_norm)
 
-    def to_channels_last(self) -> "AVModel":
-        """Video weights to channels_last_3d and audio weights to channels_last (in place)."""
-        self.video.to(memory_format=torch.channels_last_3d)
-        self.audio.to(memory_format=torch.channels_last)
-        return self
-
     def embed_video(self, video: torch.Tensor) -> torch.Tensor:
         """(B, 3, T, H, W) -> (B, embed_dim), unit L2 norm."""
         return F.normalize(self.video_head(self.video(video)), dim=1)

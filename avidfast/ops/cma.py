@@ -3,9 +3,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from avidfast.ops._checks import AGREEMENTS, check_cma_topk  # AGREEMENTS: the modes, public here
 from avidfast.ops._extension import OPS, register_fake
-
-AGREEMENTS = ("consensus", "union", "video", "audio")
 
 
 def cma_topk(
@@ -47,6 +46,7 @@ def sorted_positives(indices: torch.Tensor) -> torch.Tensor:
 
 @register_fake("avidfast::cma_topk")
 def _(video_memory, audio_memory, k, mode, queries, precision):
+    check_cma_topk(video_memory, audio_memory, k, mode, queries, precision)
     rows = video_memory.shape[0] if queries is None else queries.shape[0]
     return (
         video_memory.new_empty((rows, k), dtype=torch.float32),

@@ -3,6 +3,7 @@ from typing import Union
 
 import torch
 
+from avidfast.ops._checks import check_nce_memory_loss
 from avidfast.ops._convert import scalar_tensor
 from avidfast.ops._extension import OPS, register_autograd, register_fake
 from avidfast.ops.scores import _accumulate_dtype
@@ -49,6 +50,7 @@ def nce_memory_loss(
 
 @register_fake("avidfast::nce_memory_loss")
 def _(x, memory, pos_idx, neg_idx, temperature, partition):
+    check_nce_memory_loss(x, memory, pos_idx, neg_idx, temperature, partition)
     dtype = _accumulate_dtype(x.dtype)
     return x.new_empty((x.shape[0],), dtype=dtype), x.new_empty(x.shape, dtype=dtype)
 

@@ -3,6 +3,7 @@ from typing import Optional, Union
 
 import torch
 
+from avidfast.ops._checks import check_sample_negatives
 from avidfast.ops._convert import scalar_tensor
 from avidfast.ops._extension import OPS, register_fake
 
@@ -42,4 +43,5 @@ def sample_negatives(
 
 @register_fake("avidfast::sample_negatives")
 def _(pos, num_items, num_negatives, seed, step, row_offset, exclude):
+    check_sample_negatives(pos, num_items, num_negatives, step, row_offset, exclude)
     return pos.new_empty((pos.shape[0], num_negatives))

@@ -1,6 +1,7 @@
 """memory_scores: scaled dot products of embeddings with indexed memory rows, without a gather."""
 import torch
 
+from avidfast.ops._checks import check_memory_scores, check_memory_scores_backward
 from avidfast.ops._extension import OPS, register_autograd, register_fake
 
 
@@ -27,11 +28,13 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @register_fake("avidfast::memory_scores")
 def _(x, memory, idx, temperature):
+    check_memory_scores(x, memory, idx, temperature)
     return x.new_empty(idx.shape, dtype=_accumulate_dtype(x.dtype))
 
 
 @register_fake("avidfast::memory_scores_backward")
 def _(grad_scores, memory, idx, temperature):
+    check_memory_scores_backward(grad_scores, memory, idx, temperature)
     return grad_scores.new_empty(
         (idx.shape[0], memory.shape[1]), dtype=_accumulate_dtype(grad_scores.dtype)
     )

@@ -1,6 +1,7 @@
 """memory_update_: in-place momentum update and renormalisation of memory rows."""
 import torch
 
+from avidfast.ops._checks import check_memory_update
 from avidfast.ops._extension import OPS, register_fake
 
 
@@ -24,4 +25,5 @@ def memory_update_(
 
 @register_fake("avidfast::memory_update_")
 def _(memory, idx, x, momentum):
+    check_memory_update(memory, idx, x, momentum)
     return None

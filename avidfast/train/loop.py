@@ -6,17 +6,24 @@ rank, rank 0 writes logs and checkpoints. Each epoch reads ``samples_per_epoch``
 across ranks (Table 3's "es"). A checkpoint is written after every epoch and on SIGTERM / Ctrl-C
 (mid-epoch, with the position reached); ``resume`` continues from it exactly.
 
+Nothing non-finite is ever kept: a step whose loss or gradients are NaN / inf changes nothing
+(TrainStep) and stops the run (``train.non_finite=stop``) or is skipped and counted (``skip``);
+no checkpoint is written from a state that holds NaN / inf, and none is resumed or started from.
+Work that cannot make a step (an epoch shorter than a batch) is a ConfigError before anything is
+written. A checkpoint records its manifest (path, fingerprint of its rows: memory slot i is row i),
+and ``--resume`` / ``loss.init_from`` refuse one trained on other rows unless
+``train.allow_manifest_change``.
+
 :func:`train` reads as the run goes: the previous state (resume), the run folder, the starting
 model and criterion (:func:`_starting_point`: fresh, a reference checkpoint, CMA from AVID, or
 the resumed run), devices and wrappers, then one :func:`_train_epoch` per epoch. The step itself
 is avidfast.train.step.TrainStep; metrics.csv and TensorBoard are avidfast.train.metrics.
 """
-import math
 import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -47,6 +54,8 @@ class TrainResult:
     clips_per_second: float
     model: torch.nn.Module  # the trained AVModel (unwrapped from DDP / compile), on its device
     criterion: torch.nn.Module  # the AVIDLoss / CMALoss with its banks (identical on every rank)
+    skipped_steps: int = 0  # non-finite steps skipped in this call (train.non_finite=skip)
+    scaler_skipped: int = 0  # float16: optimiser steps the GradScaler skipped in this call
     signal: Optional[int] = None  # the signal that interrupted it (signal.SIGTERM or signal.SIGINT)
 
 
@@ -113,21 +122,6 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-class _Notes:
-    """Log lines of the start, kept until the run folder's log exists: nothing is written to the run
-    folder before every input has been read and checked."""
-
-    def __init__(self):
-        self.lines = []
-
-    def info(self, *args) -> None:
-        self.lines.append(args)
-
-    def replay(self, log) -> None:
-        for args in self.lines:
-            log.info(*args)
-
-
 @dataclass
 class _Run:
     """What one call of :func:`train` works with, once built."""
@@ -147,16 +141,30 @@ class _Run:
     step: TrainStep
     metrics: MetricsSink
     log: Any
+    manifest: Dict[str, Any]  # the checkpoints' meta["manifest"] (ckpt.manifest_record)
+    kept: Optional[str] = None  # the last checkpoint written (or resumed from), in words
+    skipped_steps: int = 0  # non-finite steps skipped over the whole run (resumes included)
 
     def save(self, epoch: int, batches_done: int, keep: bool = False) -> str:
-        """Writes last.pt (and epoch_NNNN.pt when ``keep``) on rank 0; every rank waits for it."""
+        """Writes last.pt (and epoch_NNNN.pt when ``keep``) on rank 0; every rank waits for it.
+
+        TrainingError, writing nothing, when the weights or the criterion's state hold NaN / inf
+        (checked on every rank and agreed, so that all ranks stop together)."""
+        model_state = ckpt.strip_module_prefix(_unwrap(self.net).state_dict())
+        bad = ckpt.non_finite_tensors({"model": model_state, "criterion": self.criterion.state_dict()})
+        if _agreed(bool(bad), self.world, self.device):
+            where = ckpt.describe_names(bad) if bad else "another rank's state"
+            raise TrainingError(f"the state at {_position(epoch, batches_done)} holds NaN / inf values ({where}), "
+                                f"so no checkpoint was written; {self.kept_words()}; try a lower optim.lr or "
+                                "train.precision=fp32")
         if self.rank == 0:
             payload = {
-                "model": ckpt.strip_module_prefix(_unwrap(self.net).state_dict()),
+                "model": model_state,
                 "criterion": self.criterion.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": epoch, "batches_done": batches_done,
-                "rng": ckpt.rng_state(), "config": self.cfg.to_dict(),
-                "meta": {"time": time.time(), "world_size": self.world, "num_items": self.num_items},
+                "skipped_steps": self.skipped_steps, "rng": ckpt.rng_state(), "config": self.cfg.to_dict(),
+                "meta": {"time": time.time(), "world_size": self.world, "num_items": self.num_items,
+                         "manifest": self.manifest},
             }
             ckpt.save_checkpoint(self.last_path, payload)
             if keep:
@@ -164,7 +172,14 @@ class _Run:
                                      payload)
         if self.world > 1:
             dist.barrier()
+        self.kept = f"{self.last_path} ({_position(epoch, batches_done)})"
         return self.last_path
+
+    def kept_words(self) -> str:
+        """Which checkpoint a stopped run leaves, in words."""
+        if self.kept is None:
+            return "no checkpoint was written before it"
+        return f"the last checkpoint, {self.kept}, is kept as it was"
 
 
 @dataclass
@@ -173,19 +188,25 @@ class _Tally:
 
     started: float  # time.perf_counter() when training started
     total_batches: int  # batches this call will train if nothing stops it
-    steps: int = 0
+    steps: int = 0  # optimiser steps applied
     clips: int = 0  # over all ranks
-    last_loss: float = float("nan")
+    last_loss: float = float("nan")  # of the last applied step
     interrupted: bool = False  # stopped by SIGTERM / SIGINT
     signal: Optional[int] = None  # which
+    skipped: int = 0  # non-finite steps skipped (train.non_finite=skip)
+    skipped_in_a_row: int = 0
+    scaler_skipped: int = 0  # float16: optimiser steps the GradScaler skipped (inf / NaN in scaled gradients)
 
 
 def train(cfg: Config, *, resume: bool = False, max_steps: Optional[int] = None,
           trust_reference: bool = False) -> TrainResult:
     """Runs (or resumes) the training of ``cfg``; returns what was done.
 
-    max_steps stops after that many optimiser steps in this call (with a mid-epoch checkpoint,
-    as on SIGTERM): used by tests and for quick trials. trust_reference lets
+    max_steps stops after that many batches in this call (optimiser steps, and non-finite steps
+    skipped with train.non_finite=skip), with a mid-epoch checkpoint as on SIGTERM: used by tests
+    and for quick trials. TrainingError when a step is not finite (train.non_finite=stop), when a
+    checkpoint would hold NaN / inf, or when the run's previous checkpoint (resume) or its starting
+    checkpoint (loss.init_from) holds NaN / inf or belongs to other manifest rows. trust_reference lets
     cfg.loss.init_from_reference be read beyond weights_only (see load_reference_checkpoint).
     """
     from avidfast.data.manifest import read_manifest
@@ -198,12 +219,15 @@ def train(cfg: Config, *, resume: bool = False, max_steps: Optional[int] = None,
     last_path = os.path.join(cfg.run_dir, ckpt.CHECKPOINT_DIR, ckpt.LAST)
     state = _previous_state(cfg.run_dir, last_path, resume)
     manifest = read_manifest(cfg.data.manifest, cfg.data.root)
+    # ConfigErrors and TrainingErrors before anything is written to run_dir: every input (checkpoints,
+    # statistics, the loader) is read and checked first, then the run folder is written
     cfg.check_num_items(len(manifest))
+    cfg.check_epoch_size(len(manifest), world)
+    record = ckpt.manifest_record(cfg.data.manifest, manifest, cfg.run_dir)
+    if state is not None:
+        _check_same_manifest(cfg, state, record, "--resume", last_path)
     torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
-
-    # Everything that reads and checks an input (checkpoints, statistics) runs before the run folder is written.
-    notes = _Notes()
-    model, criterion = _starting_point(cfg, len(manifest), state, trust_reference, device, notes)
+    model, criterion, notes = _starting_point(cfg, len(manifest), record, state, trust_reference, device)
     model = _place(model, cfg, world, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     amp_dtype = autocast_dtype(cfg.train.precision, device)
@@ -211,20 +235,25 @@ def train(cfg: Config, *, resume: bool = False, max_steps: Optional[int] = None,
     start_epoch, skip_batches = 0, 0
     if state is not None:
         start_epoch, skip_batches = _restore(state, model, criterion, optimizer, scaler, last_path, cfg)
-        notes.info("resumed from %s: epoch %d, %d batches done", last_path, start_epoch, skip_batches)
+        notes.append(f"resumed from {last_path}: epoch {start_epoch}, {skip_batches} batches done")
     net = _wrap(model, cfg, world, local_rank, device)
     loader = build_loader(cfg, manifest, rank, world, device)
     stale = replace_stale_logs(cfg.run_dir) if state is None and rank == 0 else []
     log = setup_logging(cfg.run_dir, rank)
     if rank == 0:
         write_run_files(cfg.run_dir, cfg.to_dict(), {"seed": cfg.seed, "world_size": world, "resumed": resume,
-                                                     "num_items": len(manifest)})
-    notes.replay(log)
+                                                     "num_items": len(manifest), "manifest": record})
+    for note in notes:
+        log.info("%s", note)
     if stale:
         log.warning("replaced %s of an earlier start in %s that wrote no checkpoint", ", ".join(stale), cfg.run_dir)
+    step = TrainStep(net, criterion, optimizer, scaler, device, amp_dtype, cfg.train.channels_last,
+                     restore_buffers=cfg.train.non_finite == "skip")
     run = _Run(cfg, rank, world, device, last_path, len(manifest), model, net, criterion, optimizer, scaler, loader,
-               TrainStep(net, criterion, optimizer, scaler, device, amp_dtype, cfg.train.channels_last),
-               MetricsSink(cfg.run_dir, cfg.train.log_every, enabled=rank == 0), log)
+               step, MetricsSink(cfg.run_dir, cfg.train.log_every, enabled=rank == 0), log, record)
+    if state is not None:
+        run.kept = f"{last_path} ({_position(start_epoch, skip_batches)})"
+        run.skipped_steps = int(state.get("skipped_steps", 0))
     log.info("training %s: %s %s, N=%d, %d process(es), %s, precision %s, %d batches/epoch, epochs %d..%d",
              cfg.name, cfg.loss.kind, cfg.loss.mode if cfg.loss.kind == "avid" else cfg.loss.agreement,
              len(manifest), world, device, amp_dtype or "fp32", len(loader), start_epoch + 1, cfg.optim.epochs)
@@ -238,12 +267,24 @@ def train(cfg: Config, *, resume: bool = False, max_steps: Optional[int] = None,
     return _finish(run, cfg.optim.epochs, tally)
 
 
+def _position(epoch: int, batches_done: int) -> str:
+    """Where a checkpoint of (epoch, batches_done) stands, in words."""
+    return f"end of epoch {epoch}" if batches_done == 0 else f"epoch {epoch + 1}, batch {batches_done}"
+
+
 def _previous_state(run_dir: str, last_path: str, resume: bool) -> Optional[Dict]:
-    """The checkpoint to resume from (``resume``), or None for a new run in a folder without one."""
+    """The checkpoint to resume from (``resume``), or None for a new run in a folder without one.
+    A checkpoint whose weights or criterion hold NaN / inf is refused."""
     if resume:
         if not os.path.isfile(last_path):
             raise TrainingError(f"--resume: no checkpoint at {last_path}; start without --resume")
-        return ckpt.load_checkpoint(last_path)
+        state = ckpt.load_checkpoint(last_path)
+        bad = ckpt.non_finite_tensors(state)
+        if bad:
+            raise TrainingError(f"--resume: {last_path} holds NaN / inf values ({ckpt.describe_names(bad)}) and "
+                                "cannot be continued; copy a finite checkpoint of the run (checkpoints/epoch_NNNN.pt) "
+                                "over it, or start a new run")
+        return state
     if os.path.isfile(last_path):
         raise TrainingError(f"{run_dir} already holds a run ({last_path}); pass --resume to continue it, "
                             "or choose another --set out_dir=... / name=...")
@@ -254,32 +295,65 @@ def _previous_state(run_dir: str, last_path: str, resume: bool) -> Optional[Dict
     return None
 
 
-def _starting_point(cfg: Config, num_items: int, state: Optional[Dict], trust_reference: bool,
-                    device: torch.device, log) -> Tuple[torch.nn.Module, torch.nn.Module]:
-    """The model (on the CPU) and criterion (on ``device``) training starts from.
+def _check_same_manifest(cfg: Config, state: Dict, record: Dict[str, Any], option: str, path: str) -> None:
+    """TrainingError when the checkpoint ``state`` (read for ``option``) was trained on other
+    manifest rows than ``record``'s: its memory slot i would then stand for another video. A
+    different number of rows is always refused; other rows of the same number unless
+    train.allow_manifest_change. Checkpoints without a record are checked by their row count."""
+    meta = state.get("meta") or {}
+    theirs = meta.get("manifest") or {}
+    rows = theirs.get("rows", meta.get("num_items"))
+    if rows is not None and int(rows) != record["rows"]:
+        raise TrainingError(f"{option} {path}: its memory banks have {rows} slots (the rows of "
+                            f"{theirs.get('path', 'its training manifest')}), but data.manifest {cfg.data.manifest} "
+                            f"has {record['rows']} rows; use the manifest the checkpoint was trained on")
+    fingerprint = theirs.get("fingerprint")
+    if fingerprint is None or fingerprint == record["fingerprint"] or cfg.train.allow_manifest_change:
+        return
+    raise TrainingError(f"{option} {path}: it was trained on the manifest {theirs.get('path')} (rows fingerprint "
+                        f"{fingerprint[:12]}), but data.manifest {cfg.data.manifest} lists other videos or another "
+                        f"order (fingerprint {record['fingerprint'][:12]}), so memory slot i would stand for another "
+                        "video; pass the run's manifest, or --set train.allow_manifest_change=true to continue anyway")
+
+
+def _starting_point(cfg: Config, num_items: int, record: Dict[str, Any], state: Optional[Dict],
+                    trust_reference: bool, device: torch.device) -> Tuple[torch.nn.Module, torch.nn.Module, List[str]]:
+    """The model (on the CPU) and criterion (on ``device``) training starts from, and what to log.
 
     fresh: built from cfg.seed. Reference (loss.init_from_reference): weights, and banks and Z
     when the file has them, of a checkpoint of the paper's code. CMA (loss.init_from): the AVID
-    run's weights and banks. Resume (``state``): a CMA criterion is built from the resumed banks;
-    everything else is restored afterwards by :func:`_restore`.
+    run's weights and banks (refused when they hold NaN / inf or come from other manifest rows).
+    Resume (``state``): a CMA criterion is built from the resumed banks; everything else is
+    restored afterwards by :func:`_restore`.
     """
     model = build_model(cfg)
-    init = None
+    init, notes = None, []
     if cfg.loss.init_from_reference and state is None:
         init = load_reference_init(cfg, model, num_items, trust_reference)
-        log.info("%s from the reference checkpoint %s", "model" if init is None else "model, banks and Z",
-                 cfg.loss.init_from_reference)
+        _refuse_non_finite({"model": model.state_dict(), "criterion": (init or {}).get("criterion")},
+                           "loss.init_from_reference", cfg.loss.init_from_reference)
+        notes.append(f"{'model' if init is None else 'model, banks and Z'} from the reference checkpoint "
+                     f"{cfg.loss.init_from_reference}")
     elif cfg.loss.kind == "cma" and state is None:
         init = ckpt.load_checkpoint(cfg.loss.init_from, label="loss.init_from")
+        _refuse_non_finite(init, "loss.init_from", cfg.loss.init_from)
+        _check_same_manifest(cfg, init, record, "loss.init_from", cfg.loss.init_from)
         load_weights(model, ckpt.strip_module_prefix(init["model"]), f"loss.init_from {cfg.loss.init_from}",
                      saved_config=init.get("config"), config=cfg)
-        log.info("CMA starts from %s (epoch %s)", cfg.loss.init_from, init.get("epoch"))
+        notes.append(f"CMA starts from {cfg.loss.init_from} (epoch {init.get('epoch')})")
     elif cfg.loss.kind == "cma":
         init = {"criterion": state["criterion"]}
     criterion = build_criterion(cfg, num_items, init).to(device)
     if cfg.loss.kind == "avid" and init is not None:  # banks and Z of a reference checkpoint
         criterion.load_state_dict(init["criterion"])
-    return model, criterion
+    return model, criterion, notes
+
+
+def _refuse_non_finite(state: Dict, option: str, path: str) -> None:
+    bad = ckpt.non_finite_tensors(state)
+    if bad:
+        raise TrainingError(f"{option} {path}: holds NaN / inf values ({ckpt.describe_names(bad)}); training cannot "
+                            "start from it: choose a finite checkpoint (an earlier epoch_NNNN.pt of that run)")
 
 
 def _place(model: torch.nn.Module, cfg: Config, world: int, device: torch.device) -> torch.nn.Module:
@@ -331,18 +405,24 @@ def _train_epoch(run: _Run, epoch: int, skip_batches: int, tally: _Tally, stop: 
     bar = _progress(len(run.loader), skip_batches, f"epoch {epoch + 1}/{cfg.optim.epochs}",
                     cfg.train.progress and run.rank == 0)
     batches_done = skip_batches
+    applied_before = tally.steps
     data_wait = time.perf_counter()
     for batch in run.loader:
         data_time = time.perf_counter() - data_wait
         t0 = time.perf_counter()
         result = run.step(batch)
-        tally.steps += 1
         batches_done += 1
+        if not result.applied:
+            _non_finite_step(run, result, epoch, batches_done, tally)
+            if _agreed(stop.raised or (max_steps is not None and tally.steps + tally.skipped >= max_steps),
+                       run.world, run.device):
+                return _stop_early(run, epoch, batches_done, tally, stop, bar)
+            data_wait = time.perf_counter()
+            continue
+        tally.steps += 1
+        tally.skipped_in_a_row = 0
+        tally.scaler_skipped += int(result.scaler_skipped)
         tally.last_loss = float(result.loss)
-        if not math.isfinite(tally.last_loss):
-            run.save(epoch, batches_done)
-            raise TrainingError(f"loss became {tally.last_loss} at epoch {epoch + 1}, batch {batches_done}; "
-                                "the last checkpoint is kept; try a lower optim.lr or train.precision=fp32")
         step_time = time.perf_counter() - t0
         clips = result.batch_size * run.world
         tally.clips += clips
@@ -354,23 +434,54 @@ def _train_epoch(run: _Run, epoch: int, skip_batches: int, tally: _Tally, stop: 
             bar.set_postfix(loss=f"{tally.last_loss:.4f}", clips_s=f"{clips_per_s:.1f}", run_eta=_hms(eta))
         run.metrics.step(int(run.criterion.step), epoch + 1, tally.last_loss, run.optimizer.param_groups[0]["lr"],
                          clips_per_s, data_time, getattr(run.loader, "bad_samples", 0), result.logs)
-        if _agreed(stop.raised or (max_steps is not None and tally.steps >= max_steps), run.world, run.device):
-            tally.interrupted, tally.signal = stop.raised, stop.signum
-            run.save(epoch, batches_done)
-            log.info("stopped at epoch %d, batch %d%s; resume with --resume", epoch + 1, batches_done,
-                     " (signal)" if tally.interrupted else "")
-            if bar is not None:
-                bar.close()
-            return True
+        if _agreed(stop.raised or (max_steps is not None and tally.steps + tally.skipped >= max_steps),
+                   run.world, run.device):
+            return _stop_early(run, epoch, batches_done, tally, stop, bar)
         data_wait = time.perf_counter()
     if bar is not None:
         bar.close()
+    if tally.steps == applied_before and batches_done > skip_batches:
+        raise TrainingError(f"no step of epoch {epoch + 1} was finite ({batches_done - skip_batches} skipped), so its "
+                            f"checkpoint was not written; {run.kept_words()}; try a lower optim.lr or "
+                            "train.precision=fp32")
     keep = (epoch + 1) in cfg.train.keep_epochs or epoch + 1 == cfg.optim.epochs
     run.save(epoch + 1, 0, keep=keep)
     run.metrics.epoch(epoch + 1, tally.last_loss, getattr(run.loader, "bad_samples", 0))
     log.info("epoch %d/%d: loss %.4f, %d bad samples, checkpoint %s", epoch + 1, cfg.optim.epochs,
              tally.last_loss, getattr(run.loader, "bad_samples", 0), run.last_path)
     return False
+
+
+def _stop_early(run: _Run, epoch: int, batches_done: int, tally: _Tally, stop: "_StopFlag", bar) -> bool:
+    """A signal or max_steps: a mid-epoch checkpoint, then :func:`_train_epoch` returns True."""
+    tally.interrupted, tally.signal = stop.raised, stop.signum
+    if bar is not None:
+        bar.close()
+    run.save(epoch, batches_done)
+    run.log.info("stopped at epoch %d, batch %d%s; resume with --resume", epoch + 1, batches_done,
+                 " (signal)" if tally.interrupted else "")
+    return True
+
+
+def _non_finite_step(run: _Run, result, epoch: int, batches_done: int, tally: _Tally) -> None:
+    """A step TrainStep did not apply (NaN / inf): TrainingError (train.non_finite=stop, or too many
+    skipped in a row), or a warning and the count (skip). The same decision on every rank."""
+    cfg = run.cfg
+    where = (f"{result.problem} at step {int(run.criterion.step) + 1} (epoch {epoch + 1}, batch {batches_done}"
+             + (f"; reported by rank {run.rank})" if run.world > 1 else ")"))
+    if cfg.train.non_finite == "stop":
+        raise TrainingError(f"{where}: the step was not applied and nothing was saved after it; {run.kept_words()}; "
+                            "try a lower optim.lr or train.precision=fp32, or --set train.non_finite=skip to skip "
+                            "such steps")
+    tally.skipped += 1
+    tally.skipped_in_a_row += 1
+    run.skipped_steps += 1
+    if tally.skipped_in_a_row > cfg.train.max_skipped_steps:
+        raise TrainingError(f"{where}: {tally.skipped_in_a_row} steps in a row were not finite (more than "
+                            f"train.max_skipped_steps={cfg.train.max_skipped_steps}); nothing was saved after them; "
+                            f"{run.kept_words()}; try a lower optim.lr or train.precision=fp32")
+    run.log.warning("%s: step skipped (%d in a row, %d in this run)", where, tally.skipped_in_a_row,
+                    run.skipped_steps)
 
 
 def _agreed(flag: bool, world: int, device: torch.device) -> bool:
@@ -386,11 +497,17 @@ def _finish(run: _Run, epochs_done: int, tally: _Tally) -> TrainResult:
     elapsed = time.perf_counter() - tally.started
     rate = tally.clips / elapsed if elapsed > 0 else 0.0
     run.metrics.close()
-    run.log.info("done: %d steps in %s (%.1f clips/s over all ranks), last loss %.4f, checkpoint %s%s", tally.steps,
+    skipped = []
+    if tally.skipped:
+        skipped.append(f"{tally.skipped} non-finite step(s) skipped")
+    if tally.scaler_skipped:
+        skipped.append(f"{tally.scaler_skipped} optimiser step(s) skipped by the float16 GradScaler")
+    run.log.info("done: %d steps in %s (%.1f clips/s over all ranks), last loss %.4f, checkpoint %s%s%s", tally.steps,
                  _hms(elapsed), rate, tally.last_loss, run.last_path,
+                 f" ({'; '.join(skipped)})" if skipped else "",
                  " (interrupted: resume with --resume)" if tally.interrupted else "")
     return TrainResult(run.cfg.run_dir, epochs_done, tally.steps, tally.last_loss, run.last_path, tally.interrupted,
-                       rate, run.model, run.criterion, tally.signal)
+                       rate, run.model, run.criterion, tally.skipped, tally.scaler_skipped, tally.signal)
 
 
 def _hms(seconds: float) -> str:

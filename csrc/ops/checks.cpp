@@ -28,6 +28,16 @@ bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
+// Every value of the int64 tensor t lies in [0, num_items) (when value checks apply to t).
+// `what` follows the range in the message.
+void check_range(const at::Tensor& t, const char* name, int64_t num_items, const char* what) {
+  if (t.numel() == 0 || !value_checks_apply(t)) return;
+  auto [lo, hi] = at::aminmax(t);
+  const int64_t low = lo.item<int64_t>(), high = hi.item<int64_t>();
+  TORCH_CHECK_VALUE(low >= 0 && high < num_items, name, " must lie in [0, ", num_items, ")", what,
+                    ", but holds values in [", low, ", ", high, "]");
+}
+
 }  // namespace
 
 at::ScalarType accumulate_dtype(at::ScalarType x_dtype) {
@@ -66,13 +76,7 @@ void check_indices(const at::Tensor& idx, const char* name, int64_t dims, int64_
                     rows);
   TORCH_CHECK_VALUE(idx.device() == memory.device(), name, " is on ", idx.device(),
                     " but memory is on ", memory.device(), "; move them to the same device");
-  const int64_t num_items = memory.size(0);
-  if (idx.numel() > 0 && value_checks_apply(idx)) {
-    auto [lo, hi] = at::aminmax(idx);
-    const int64_t low = lo.item<int64_t>(), high = hi.item<int64_t>();
-    TORCH_CHECK_VALUE(low >= 0 && high < num_items, name, " must lie in [0, ", num_items,
-                      ") (the memory's rows), but holds values in [", low, ", ", high, "]");
-  }
+  check_range(idx, name, memory.size(0), " (the memory's rows)");
 }
 
 void check_temperature(double temperature) {
@@ -107,31 +111,21 @@ void check_sample_negatives(const at::Tensor& pos, int64_t num_items, int64_t nu
     TORCH_CHECK_VALUE(ex.device() == pos.device(), "exclude is on ", ex.device(),
                       " but pos is on ", pos.device());
     excluded = ex.size(1);
-    if (ex.numel() > 0 && value_checks_apply(ex)) {
-      auto [lo, hi] = at::aminmax(ex);
-      const int64_t low = lo.item<int64_t>(), high = hi.item<int64_t>();
-      TORCH_CHECK_VALUE(low >= 0 && high < num_items, "exclude must lie in [0, ", num_items,
-                        "), but holds values in [", low, ", ", high, "]");
-      if (ex.size(1) > 1) {
-        const bool sorted = ex.narrow(1, 1, ex.size(1) - 1)
-                                .ge(ex.narrow(1, 0, ex.size(1) - 1))
-                                .all()
-                                .item<bool>();
-        TORCH_CHECK_VALUE(sorted, "every row of exclude must be sorted in ascending order "
-                                  "(use torch.sort(exclude, dim=1).values)");
-      }
+    check_range(ex, "exclude", num_items, "");
+    if (ex.numel() > 0 && ex.size(1) > 1 && value_checks_apply(ex)) {
+      const bool sorted = ex.narrow(1, 1, ex.size(1) - 1)
+                              .ge(ex.narrow(1, 0, ex.size(1) - 1))
+                              .all()
+                              .item<bool>();
+      TORCH_CHECK_VALUE(sorted, "every row of exclude must be sorted in ascending order "
+                                "(use torch.sort(exclude, dim=1).values)");
     }
   }
   TORCH_CHECK_VALUE(num_negatives < num_items - excluded - 1, "num_negatives (", num_negatives,
                     ") must be smaller than num_items - P - 1 = ", num_items - excluded - 1,
                     " (num_items ", num_items, ", P = ", excluded,
                     " excluded per row, and the row itself)");
-  if (pos.numel() > 0 && value_checks_apply(pos)) {
-    auto [lo, hi] = at::aminmax(pos);
-    const int64_t low = lo.item<int64_t>(), high = hi.item<int64_t>();
-    TORCH_CHECK_VALUE(low >= 0 && high < num_items, "pos must lie in [0, ", num_items,
-                      "), but holds values in [", low, ", ", high, "]");
-  }
+  check_range(pos, "pos", num_items, "");
 }
 
 void check_memory_scores(const at::Tensor& x, const at::Tensor& memory, const at::Tensor& idx,
@@ -222,12 +216,7 @@ Agreement check_cma_topk(const at::Tensor& video_memory, const at::Tensor& audio
                       " of shape ", q.sizes());
     TORCH_CHECK_VALUE(q.device() == video_memory.device(), "queries is on ", q.device(),
                       " but the banks are on ", video_memory.device());
-    if (q.numel() > 0 && value_checks_apply(q)) {
-      auto [lo, hi] = at::aminmax(q);
-      const int64_t low = lo.item<int64_t>(), high = hi.item<int64_t>();
-      TORCH_CHECK_VALUE(low >= 0 && high < num_items, "queries must lie in [0, ", num_items,
-                        "), but holds values in [", low, ", ", high, "]");
-    }
+    check_range(q, "queries", num_items, "");
   }
   return parsed;
 }

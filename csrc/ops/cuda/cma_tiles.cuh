@@ -23,15 +23,14 @@
 #include <cstdint>
 
 #include "ops/agreement.h"
+#include "ops/cuda/device.cuh"
 
 namespace avidfast {
 namespace gpu {
 namespace cma {
 
-constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kWarpSize = 32;
 constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kWarps = kThreads / kWarp;
 constexpr int kBlockQueries = 128;  // queries per CTA (BQ)
 constexpr int kTileItems = 128;     // items per tile (BN)
 constexpr int kChunkBytes = 64;     // bytes of every row per stage
@@ -276,7 +275,7 @@ __device__ __forceinline__ void warp_merge(float* list_values, int* list_indices
   }
   // Bitonic sort of the 32 lanes, best first.
 #pragma unroll
-  for (int size = 2; size <= kWarpSize; size <<= 1) {
+  for (int size = 2; size <= kWarp; size <<= 1) {
 #pragma unroll
     for (int stride = size >> 1; stride > 0; stride >>= 1) {
       const float other_value = __shfl_xor_sync(kFullMask, value, stride);
@@ -307,7 +306,7 @@ __device__ __forceinline__ void warp_merge(float* list_values, int* list_indices
   // List entries move down by the number of candidates ranking before them (a prefix of the
   // sorted lanes). Entries only move to higher positions, so chunks of 32 are moved last chunk
   // first: every destination has been read before it is written.
-  for (int base = ((k - 1) / kWarpSize) * kWarpSize; base >= 0; base -= kWarpSize) {
+  for (int base = ((k - 1) / kWarp) * kWarp; base >= 0; base -= kWarp) {
     const int i = base + lane;
     float v = -INFINITY;
     int ix = -1;
@@ -317,9 +316,9 @@ __device__ __forceinline__ void warp_merge(float* list_values, int* list_indices
     }
     int before = 0;
 #pragma unroll
-    for (int step = kWarpSize; step > 0; step >>= 1) {
+    for (int step = kWarp; step > 0; step >>= 1) {
       const int probe = before + step - 1;
-      const int source = probe < kWarpSize - 1 ? probe : kWarpSize - 1;
+      const int source = probe < kWarp - 1 ? probe : kWarp - 1;
       const float probe_value = __shfl_sync(kFullMask, value, source);
       const int probe_index = __shfl_sync(kFullMask, index, source);
       if (probe < count && ranks_before(probe_value, probe_index, v, ix)) before += step;

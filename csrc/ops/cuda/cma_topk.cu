@@ -55,13 +55,16 @@
 #include "ops/agreement.h"
 #include "ops/checks.h"
 #include "ops/cuda/cma_tiles.cuh"
+#include "ops/cuda/host.cuh"
 
 namespace avidfast {
 namespace {
 
+using gpu::ceil_div;
+using gpu::kFullMask;
+using gpu::kWarp;
 using gpu::cma::kBlockQueries;
 using gpu::cma::kChunkBytes;
-using gpu::cma::kFullMask;
 using gpu::cma::kMaxCandidates;
 using gpu::cma::kRowPitch;
 using gpu::cma::kStageBytes;
@@ -69,7 +72,6 @@ using gpu::cma::kStages;
 using gpu::cma::kThreads;
 using gpu::cma::kTileItems;
 using gpu::cma::kWarps;
-using gpu::cma::kWarpSize;
 using gpu::cma::Math;
 
 constexpr int64_t kMaxItems = static_cast<int64_t>(INT_MAX) - 2 * kTileItems;
@@ -212,7 +214,7 @@ template <Math M>
 __global__ void __launch_bounds__(kThreads, 1) cma_topk_kernel(const Params p) {
   constexpr int kElt = gpu::cma::kElementBytes<M>;
   extern __shared__ __align__(128) unsigned char cma_smem[];
-  const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
+  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
   const int wq = warp / 4, wn = warp % 4;
   const int g = lane >> 2, t = lane & 3;
 
@@ -383,13 +385,13 @@ __global__ void __launch_bounds__(kThreads, 1) cma_topk_kernel(const Params p) {
       if (p.splits == 1) {
         float* out_values = p.out_values + qg * p.k;
         int64_t* out_indices = p.out_indices + qg * p.k;
-        for (int j = lane; j < p.k; j += kWarpSize) {
+        for (int j = lane; j < p.k; j += kWarp) {
           out_values[j] = list_values[j];
           out_indices[j] = list_indices[j];
         }
       } else {
         const int64_t offset = (static_cast<int64_t>(split) * p.num_queries + qg) * p.k;
-        for (int j = lane; j < p.k; j += kWarpSize) {
+        for (int j = lane; j < p.k; j += kWarp) {
           p.part_values[offset + j] = list_values[j];
           p.part_indices[offset + j] = list_indices[j];
         }
@@ -405,14 +407,14 @@ __global__ void __launch_bounds__(kThreads)
     merge_splits_kernel(float* __restrict__ part_values, int* __restrict__ part_indices,
                         int64_t num_queries, int k, int splits, float* __restrict__ out_values,
                         int64_t* __restrict__ out_indices) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t q = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t q = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   if (q >= num_queries) return;  // whole warps
   float* list_values = part_values + q * k;
   int* list_indices = part_indices + q * k;
   for (int s = 1; s < splits; ++s) {
     const int64_t offset = (static_cast<int64_t>(s) * num_queries + q) * k;
-    for (int j0 = 0; j0 < k; j0 += kWarpSize) {
+    for (int j0 = 0; j0 < k; j0 += kWarp) {
       const int j = j0 + lane;
       float value = -INFINITY;
       int index = INT_MAX;
@@ -430,22 +432,19 @@ __global__ void __launch_bounds__(kThreads)
       gpu::cma::warp_merge(list_values, list_indices, k, value, index, count, lane);
     }
   }
-  for (int j = lane; j < k; j += kWarpSize) {
+  for (int j = lane; j < k; j += kWarp) {
     out_values[q * k + j] = list_values[j];
     out_indices[q * k + j] = list_indices[j];
   }
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 template <Math M>
 void launch(Params p, int device, cudaStream_t stream, const at::TensorOptions& options) {
   const auto kernel = cma_topk_kernel<M>;
-  int max_optin = 0, sms = 0;
+  int max_optin = 0;
   C10_CUDA_CHECK(
       cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  sms = std::max(sms, 1);
+  const int sms = gpu::multiprocessor_count(device);
 
   // Shared memory: stages, query state, candidate buffers, and the lists when they fit.
   const int64_t base = static_cast<int64_t>(kStages) * kStageBytes + kQueryStateBytes;
@@ -524,7 +523,7 @@ void launch(Params p, int device, cudaStream_t stream, const at::TensorOptions& 
   kernel<<<static_cast<unsigned>(grid), kThreads, static_cast<size_t>(smem), stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.splits > 1) {
-    constexpr int64_t kQueriesPerBlock = kThreads / kWarpSize;
+    constexpr int64_t kQueriesPerBlock = kThreads / kWarp;
     const int64_t blocks = ceil_div(p.num_queries, kQueriesPerBlock);
     TORCH_CHECK(blocks <= INT_MAX, "cma_topk: too many queries");
     merge_splits_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(

@@ -1,4 +1,4 @@
-// CUDA kernels of avidfast::memory_scores and its backward (the rows kernel of rows.cuh):
+// CUDA kernels of avidfast::memory_scores and its backward (the rows kernel, row_kernel.cuh):
 // memory rows are read in place through the index, never gathered into a (B, M, D) tensor.
 //   forward:  grid (B, S), one warp per (b, m) output at a time, x[b] staged in shared memory.
 //   backward: grid (B, S), grad_x[b] = sum_m grad[b, m] / T * memory[idx[b, m]], per-warp
@@ -12,7 +12,7 @@
 #include <type_traits>
 
 #include "ops/checks.h"
-#include "ops/cuda/rows.cuh"
+#include "ops/cuda/row_plan.cuh"
 #include "ops/dispatch.h"
 
 namespace avidfast {

@@ -20,7 +20,8 @@
 #include <type_traits>
 
 #include "ops/checks.h"
-#include "ops/cuda/rows.cuh"
+#include "ops/cuda/device.cuh"
+#include "ops/cuda/host.cuh"
 #include "ops/dispatch.h"
 #include "ops/momentum_update.h"
 

@@ -1,4 +1,4 @@
-// CUDA kernel of avidfast::nce_memory_loss (the rows kernel of rows.cuh): grid (B, S), block
+// CUDA kernel of avidfast::nce_memory_loss (the rows kernel, row_kernel.cuh): grid (B, S), block
 // (b, s) reads its share of row b's P positive and K negative memory rows once each, computes
 // each score, its NCE term (ops/nce_terms.h), and adds the term's gradient to a per-warp
 // accumulator while the row is still in registers; warps, then splits, are summed in a fixed
@@ -13,7 +13,7 @@
 #include <type_traits>
 
 #include "ops/checks.h"
-#include "ops/cuda/rows.cuh"
+#include "ops/cuda/row_plan.cuh"
 #include "ops/dispatch.h"
 #include "ops/nce_terms.h"
 

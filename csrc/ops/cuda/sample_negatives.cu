@@ -13,7 +13,7 @@
 #include <algorithm>
 
 #include "ops/checks.h"
-#include "ops/cuda/rows.cuh"
+#include "ops/cuda/host.cuh"
 #include "ops/negatives.h"
 
 namespace avidfast {
