@@ -84,7 +84,7 @@ class EvalConfig:
     name: str = "eval"
     protocol: str = "linear"  # linear or finetune
     seed: int = 0
-    out_dir: Optional[str] = None  # None: runs/eval/<name>
+    out_dir: Optional[str] = None  # None: runs/eval/<name> (runs/eval/<name>-random for --random-init)
     data: EvalDataSection = field(default_factory=EvalDataSection)
     optim: EvalOptimSection = field(default_factory=EvalOptimSection)
     linear: LinearSection = field(default_factory=LinearSection)
@@ -126,6 +126,8 @@ class EvalConfig:
 
     @property
     def run_dir(self) -> str:
+        """The trained network's run folder: out_dir, or runs/eval/<name> (a --random-init baseline
+        defaults to runs/eval/<name>-random: avidfast.eval.run.default_run_dir)."""
         return self.out_dir or os.path.join("runs", "eval", self.name)
 
     def to_dict(self) -> Dict[str, Any]:
