@@ -364,10 +364,11 @@ def test_transposed_spectrogram_is_refused_naming_the_layout():
 
 
 def test_reference_preset_spectrograms_keep_working():
-    # the reference preset: 257 x 200, the layout of table6 (a table5 network may read it too)
+    # the reference preset: 257 x 200, the layout of table6 (the config refuses it with a table5 network)
     video, spec = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 1, 257, 200)
     for model in (AVModel.from_preset("table6", width=4, embed_dim=8, audio_preset="reference"),
-                  build_model(load_config("demo", ["model.width=4", "data.audio.preset=reference"]))):
+                  build_model(load_config("demo", ["model.width=4", "model.preset=table6",
+                                                   "data.audio.preset=reference"]))):
         model.eval()
         assert model.audio.freq_bins == 257
         with torch.no_grad():

@@ -112,9 +112,10 @@ def test_reference_preset_is_a_config_and_cli_choice():
     from avidfast.cli import build_parser
     from avidfast.config import ConfigError, load_config
 
-    assert load_config("demo", ["data.audio.preset=reference"]).data.audio.preset == "reference"
+    table6 = ["model.preset=table6", "data.audio.preset=reference"]
+    assert load_config("demo", table6).data.audio.preset == "reference"
     with pytest.raises(ConfigError, match="data.audio.preset=reference.*data.pipeline=cpu"):
-        load_config("demo", ["data.audio.preset=reference", "data.pipeline=dali"])
+        load_config("demo", table6 + ["data.pipeline=dali"])
     args = build_parser().parse_args(["stats", "m.csv", "--audio-preset", "reference"])
     assert args.audio_preset == "reference"
 
