@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from avidfast.ops import memory_update_, reference
+from avidfast.ops import memory_scores, memory_update_, nce_memory_loss, reference
 from conftest import unit_rows
 
 
@@ -72,3 +72,100 @@ def test_bad_input_raises_value_error(change, message):
     args.update(change)
     with pytest.raises(ValueError, match=message):
         memory_update_(**args)
+
+
+# --- PyTorch's in-place contract: version counter, stale saved tensors, leaves (issue 16) -------
+
+def _scores_then_update(memory, x, idx, update):
+    """memory_scores (which saves the bank for backward), then an in-place update of the bank."""
+    scores = memory_scores(x, memory, idx, 0.1)
+    update(memory)
+    return scores
+
+
+def _update(memory):
+    memory_update_(memory, torch.tensor([1, 4]), torch.randn(2, memory.shape[1]), 0.5)
+
+
+def test_every_call_bumps_the_version_counter_once():
+    memory = unit_rows(30, 8)
+    for expected, kwargs in enumerate([{}, dict(duplicates="last"), dict(nonfinite="skip"),
+                                       dict(nonfinite="write")], start=1):
+        memory_update_(memory, torch.tensor([3, 3, 7]), torch.randn(3, 8), 0.5, **kwargs)
+        assert memory._version == expected, kwargs
+    torch.ops.avidfast.memory_update_(memory, torch.tensor([2]), torch.randn(1, 8), 0.5)
+    assert memory._version == 5
+
+
+def test_backward_through_a_stale_bank_raises_as_for_pytorch_inplace_ops():
+    memory, x = unit_rows(30, 8), torch.randn(4, 8, requires_grad=True)
+    idx = torch.randint(0, 30, (4, 6))
+    scores = _scores_then_update(memory, x, idx, _update)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        scores.sum().backward()
+    # PyTorch's own in-place op on the same graph says the same thing.
+    other = unit_rows(30, 8)
+    scores = _scores_then_update(other, x, idx, lambda m: m.index_copy_(0, torch.tensor([1]), unit_rows(1, 8)))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        scores.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_update_bumps_the_version_counter(backend):
+    torch._dynamo.reset()
+    memory, x = unit_rows(30, 8), torch.randn(4, 8, requires_grad=True)
+    idx = torch.randint(0, 30, (4, 6))
+    compiled_update = torch.compile(_update, backend=backend, fullgraph=True)
+    before = memory._version
+    compiled_update(memory)
+    assert memory._version > before
+    scores = _scores_then_update(memory, x, idx, compiled_update)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        scores.sum().backward()
+
+
+def test_compiled_step_that_reads_a_bank_it_updates_before_backward_raises():
+    torch._dynamo.reset()
+    memory, x = unit_rows(30, 8), torch.randn(4, 8, requires_grad=True)
+    idx = torch.randint(0, 30, (4, 6))
+
+    def step(x, memory):
+        return _scores_then_update(memory, x, idx, _update).sum()
+
+    # AOTAutograd traces the backward pass while compiling, so the error comes at the first call.
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.compile(step, backend="aot_eager")(x, memory).backward()
+
+
+def test_nce_memory_loss_allows_the_update_before_backward():
+    # Its forward pass computes the gradient, so the bank is not saved: this order is the AVID
+    # step's, and the gradient is that of the rows as they were in the forward pass.
+    memory, x = unit_rows(30, 8), unit_rows(4, 8).requires_grad_()
+    pos, neg = torch.randint(0, 30, (4,)), torch.randint(0, 30, (4, 6))
+    expected, = torch.autograd.grad(reference.nce_memory_loss(x, memory.clone(), pos, neg, 0.1, 2.0), x)
+    loss = nce_memory_loss(x, memory, pos, neg, 0.1, 2.0)
+    memory_update_(memory, pos, x, 0.5)
+    loss.backward()
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(duplicates="last")])
+def test_a_leaf_that_requires_grad_is_refused_under_grad_mode_only(kwargs):
+    parameter = torch.nn.Parameter(unit_rows(30, 8))
+    before = parameter.detach().clone()
+    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad is being used in an in-place operation"):
+        memory_update_(parameter, torch.tensor([1]), torch.randn(1, 8), 0.5, **kwargs)
+    assert torch.equal(parameter.detach(), before)
+    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad"):
+        torch.ops.avidfast.memory_update_(parameter, torch.tensor([1]), torch.randn(1, 8), 0.5)
+    with torch.no_grad():  # as parameter.add_(...) is allowed under no_grad (optimisers)
+        memory_update_(parameter, torch.tensor([1]), torch.randn(1, 8), 0.5, **kwargs)
+    assert not torch.equal(parameter.detach()[1], before[1])
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(duplicates="last")])
+def test_a_bank_with_a_graph_is_refused(kwargs):
+    base = unit_rows(30, 8).requires_grad_()
+    memory = base * 1.0  # not a leaf, requires grad
+    with pytest.raises(RuntimeError, match="memory_update_ has no derivative"):
+        memory_update_(memory, torch.tensor([1]), torch.randn(1, 8), 0.5, **kwargs)
