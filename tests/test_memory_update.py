@@ -169,3 +169,123 @@ def test_a_bank_with_a_graph_is_refused(kwargs):
     memory = base * 1.0  # not a leaf, requires grad
     with pytest.raises(RuntimeError, match="memory_update_ has no derivative"):
         memory_update_(memory, torch.tensor([1]), torch.randn(1, 8), 0.5, **kwargs)
+
+
+# --- repeated indices: batch order (default) or one write from the old row ("last") -------------
+
+def _last_write_formula(memory, idx, x, m):
+    """The index_select / mix / normalize / index_copy_ update of lemniscate's NCEAverage, CMC and
+    mmselfsup's SimpleMemory, from their equations: every slot is written once, from its old row,
+    by its last occurrence in the batch (what index_copy_ leaves on a CPU). float64."""
+    out = memory.double().clone()
+    for b, i in enumerate(idx.tolist()):  # later occurrences overwrite earlier ones
+        row = m * memory[i].double() + (1 - m) * x[b].double()
+        out[i] = row / row.norm().clamp_min(1e-12)
+    return out
+
+
+@pytest.mark.parametrize("memory_dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 8e-3), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("momentum", [0.5, 0.0, 1.0, 0.87])
+def test_last_rule_equals_the_index_copy_formula(memory_dtype, tol, momentum):
+    memory = unit_rows(40, 12, memory_dtype)
+    idx = torch.tensor([5, 9, 5, 0, 9, 5, 39, 17])
+    x = torch.randn(8, 12)
+    ours = memory.clone()
+    memory_update_(ours, idx, x, momentum, duplicates="last")
+    torch.testing.assert_close(ours.double(), _last_write_formula(memory, idx, x, momentum), rtol=tol, atol=tol)
+    sequential = memory.clone()
+    memory_update_(sequential, idx, x, momentum)
+    if 0 < momentum < 1:
+        assert not torch.allclose(ours[5].double(), sequential[5].double(), atol=1e-3)
+
+
+def test_rules_agree_without_repeated_indices():
+    memory = unit_rows(100, 16)
+    idx, x = torch.randperm(100)[:20], torch.randn(20, 16)
+    a, b = memory.clone(), memory.clone()
+    memory_update_(a, idx, x, 0.5)
+    memory_update_(b, idx, x, 0.5, duplicates="last")
+    torch.testing.assert_close(a, b, rtol=0, atol=2e-7)
+
+
+def test_last_rule_checks_arguments():
+    memory = unit_rows(30, 8)
+    with pytest.raises(ValueError, match=r"idx must lie in \[0, 30\)"):
+        memory_update_(memory, torch.tensor([0, 30]), torch.randn(2, 8), 0.5, duplicates="last")
+    with pytest.raises(ValueError, match="x has dim 9"):
+        memory_update_(memory, torch.tensor([0, 1]), torch.randn(2, 9), 0.5, duplicates="last")
+    with pytest.raises(ValueError, match="duplicates must be one of"):
+        memory_update_(memory, torch.tensor([0]), torch.randn(1, 8), 0.5, duplicates="first")
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        memory_update_(memory, torch.tensor([0]), torch.randn(1, 8), 0.5, nonfinite="ignore")
+
+
+# --- rows of x with NaN or inf -------------------------------------------------------------------
+
+def _bad_batch():
+    idx = torch.tensor([3, 7, 3, 12, 20])
+    x = torch.randn(5, 8)
+    x[1, 4] = float("nan")
+    x[3, 0] = float("inf")
+    return idx, x
+
+
+@pytest.mark.parametrize("duplicates", ["sequential", "last"])
+def test_a_nonfinite_row_raises_with_its_row_and_index_and_writes_nothing(duplicates):
+    memory = unit_rows(30, 8)
+    before = memory.clone()
+    idx, x = _bad_batch()
+    with pytest.raises(ValueError, match=r"row 1 of x \(memory index 7\) holds NaN or inf \(2 such rows: 1, 3\); "
+                                         "nothing was written"):
+        memory_update_(memory, idx, x, 0.5, duplicates=duplicates)
+    assert torch.equal(memory, before)
+
+
+@pytest.mark.parametrize("duplicates", ["sequential", "last"])
+def test_skip_applies_the_finite_rows_only(duplicates):
+    memory = unit_rows(30, 8)
+    idx, x = _bad_batch()
+    ours, expected = memory.clone(), memory.clone()
+    memory_update_(ours, idx, x, 0.5, nonfinite="skip", duplicates=duplicates)
+    keep = torch.tensor([0, 2, 4])
+    memory_update_(expected, idx[keep], x[keep], 0.5, duplicates=duplicates)
+    assert torch.equal(ours, expected)  # exactly: rows 7 and 12 untouched
+    assert torch.equal(ours[[7, 12]], memory[[7, 12]])
+
+
+def test_write_lets_nan_into_the_bank():
+    memory = unit_rows(30, 8)
+    idx, x = _bad_batch()
+    memory_update_(memory, idx, x, 0.5, nonfinite="write")
+    assert torch.isnan(memory[7]).any() and torch.isfinite(memory[3]).all()
+
+
+@pytest.mark.parametrize("momentum", [0.5, 0.9, 0.0])
+def test_skip_without_host_sync_leaves_the_slot_up_to_a_renormalisation(momentum):
+    # The CUDA (and torch.compile) path: a non-finite row is applied as an inert row instead of
+    # being removed, so nothing waits for the device. Run here through torch.compile on the CPU.
+    torch._dynamo.reset()
+    memory = unit_rows(30, 8)
+    idx, x = _bad_batch()
+    ours, expected = memory.clone(), memory.clone()
+    update = torch.compile(lambda m, i, v: memory_update_(m, i, v, momentum, nonfinite="skip"),
+                           backend="aot_eager", fullgraph=True)
+    update(ours, idx, x)
+    keep = torch.tensor([0, 2, 4])
+    memory_update_(expected, idx[keep], x[keep], momentum)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=4e-7)
+    assert torch.isfinite(ours).all()
+
+
+def test_compiled_raise_is_a_runtime_assertion():
+    torch._dynamo.reset()
+    memory = unit_rows(30, 8)
+    before = memory.clone()
+    update = torch.compile(lambda m, i, v: memory_update_(m, i, v, 0.5), backend="aot_eager", fullgraph=True)
+    idx, x = _bad_batch()
+    update(memory, idx[[0, 2]], x[[0, 2]])  # finite: compiles and runs
+    assert not torch.equal(memory, before)
+    written = memory.clone()
+    with pytest.raises(RuntimeError, match="a row of x holds NaN or inf; nothing was written"):
+        update(memory, idx, x)
+    assert torch.equal(memory, written)
