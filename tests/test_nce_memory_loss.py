@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import avidfast.ops
 from avidfast.ops import estimate_partition, nce_memory_loss, reference
 from conftest import unit_rows
 
@@ -155,3 +156,40 @@ def test_a_peer_partition_constant_divided_by_n_gives_the_same_loss():
     # The trap: the peer's Z passed unchanged is a different objective.
     wrong = nce_memory_loss(x, memory, pos, neg, t, z_peer)
     assert (wrong - peer).abs() > 1.0
+
+
+def test_a_compiled_step_with_a_changing_z_and_step_compiles_once():
+    # Z as a 0-d tensor and the step as a tensor are graph inputs; as Python numbers they would
+    # be constants of the graph (a guard such as `Z == 2.1`), recompiled for every new value.
+    torch._dynamo.reset()
+    memory = unit_rows(200, 16)
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    def step(x, memory, index, z, step):
+        x = torch.nn.functional.normalize(x, dim=1)
+        negatives = avidfast.ops.sample_negatives(index, 200, 20, 3, step)
+        loss = nce_memory_loss(x, memory, index, negatives, 0.07, z)
+        avidfast.ops.memory_update_(memory, index, x.detach(), 0.5)
+        return loss
+
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    eager_memory = memory.clone()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(4):
+            x, index = torch.randn(8, 16), torch.randperm(200)[:8]
+            z, s = torch.tensor(2.1 + 0.3 * i, dtype=torch.float64), torch.tensor(i)
+            x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+            loss = compiled(x1, memory, index, z, s)
+            loss.backward()
+            if i == 0:
+                first = len(graphs)
+            expected = step(x2, eager_memory, index, z, s)
+            expected.backward()
+            torch.testing.assert_close(loss, expected)
+            torch.testing.assert_close(x1.grad, x2.grad)
+    assert first > 0 and len(graphs) == first
+    torch.testing.assert_close(memory, eager_memory)
