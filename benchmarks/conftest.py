@@ -12,6 +12,7 @@ import torch
 
 from avidfast.bench.cma_suite import CASES as CMA_CASES
 from avidfast.bench.cma_suite import CMABenchConfig
+from avidfast.bench.migration_suite import CASES as MIGRATION_CASES
 from avidfast.bench.ops_suite import CASES as OPS_CASES
 from avidfast.bench.ops_suite import OpsBenchConfig
 from avidfast.bench.report import describe_machine
@@ -21,7 +22,7 @@ from avidfast.bench.timing import peak_extra_memory, peak_resident_growth
 
 DEVICE = os.environ.get("AVIDFAST_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 SUITES = {"ops": (OPS_CASES, OpsBenchConfig), "cma": (CMA_CASES, CMABenchConfig),
-          "train": (TRAIN_CASES, TrainBenchConfig)}
+          "train": (TRAIN_CASES, TrainBenchConfig), "migration": (MIGRATION_CASES, OpsBenchConfig)}
 _RECORDS = {}
 
 

@@ -137,3 +137,22 @@ def test_cli_help_lists_defaults():
     out = subprocess.run([sys.executable, "-m", "avidfast.cli", "bench", "ops", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--num-items" in out and "default: 500000" in out
+
+
+def test_migration_suite_runs_every_case_on_small_sizes(tmp_path, capsys):
+    from avidfast.bench.migration_suite import CASES as MIGRATION_CASES
+
+    cfg = OpsBenchConfig(num_items=2000, batch=8, negatives=32, dim=16, rounds=2, warmup=1)
+    results = run_suite(MIGRATION_CASES, cfg)
+    assert [r.name for r in results] == ["lemniscate_nce", "npid_infonce", "cmc_two_view", "lemniscate_softmax"]
+    for result in results:
+        assert set(result.measurements) == {"ours", "peer"}
+        assert all(len(m.times) == 2 for m in result.measurements.values())
+    # The peers gather (B, K + 1, D) float32 rows; ours does not.
+    assert results[0].measurements["peer"].peak_extra_bytes >= cfg.batch * (cfg.negatives + 1) * cfg.dim * 4
+    code = main(["bench", "migration", "--num-items", "2000", "--batch", "8", "--negatives", "32", "--dim", "16",
+                 "--rounds", "1", "--warmup", "0", "--case", "lemniscate_nce", "--json", str(tmp_path / "m.json")])
+    assert code == 0
+    payload = json.loads((tmp_path / "m.json").read_text())
+    assert [r["case"] for r in payload["results"]] == ["lemniscate_nce"]
+    assert "peer" in payload["results"][0]["speedup"]

@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("avidfast", "csrc", "README.md", "BENCHMARKS.md", "docs")
 TEXT_SUFFIXES = {".py", ".cpp", ".h", ".cu", ".cuh", ".md", ".txt", ".yaml", ".yml", ".toml", ".cfg", ".sh"}
-REQUIRED_DOCS = ("docs/method.md", "docs/architecture.md", "docs/benchmarking.md")
+REQUIRED_DOCS = ("docs/method.md", "docs/architecture.md", "docs/benchmarking.md", "docs/migration.md")
 # A Markdown file name, optionally with folders and a leading ./ or ../ chain: not preceded by a
 # character that could continue a path or a URL (so https://host/x/README.md is not taken).
 MD_REFERENCE = re.compile(r"(?<![\w./:-])((?:\.\.?/)*(?:[\w-][\w.-]*/)*[\w-][\w.-]*\.md)(?![\w-])")

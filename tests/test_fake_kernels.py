@@ -281,3 +281,35 @@ def test_the_library_alone_names_the_module_of_its_fake_kernels():
     assert "import the 'avidfast.ops.scores' Python module" in lines["ERROR"]
     assert "`import avidfast.ops` registers the fake and autograd kernels" in lines["ERROR"]
     assert lines["CHECKED"] == "x has dim 7 but memory rows have dim 8"
+
+
+def _meta_cases():
+    """(op, argument) for every tensor argument of every operator: that one moved to meta."""
+    for op in ("sample_negatives", "memory_scores", "memory_scores_backward", "nce_memory_loss",
+               "memory_update_", "cma_topk"):
+        for name, value in _good(op).items():
+            if isinstance(value, torch.Tensor):
+                yield op, name
+
+
+@pytest.mark.parametrize("op, name", list(_meta_cases()), ids=lambda v: v)
+def test_meta_tensors_mixed_with_cpu_tensors_are_refused(op, name):
+    # One argument on the meta device (no data) and the rest on the CPU: the dispatcher picks the
+    # fake kernel, which must refuse rather than return an uninitialised result as a CPU tensor.
+    # (A CPU step or Z may go with tensors on another device, not the reverse: refused too.)
+    args = _good(op)
+    args[name] = args[name].to("meta")
+    with pytest.raises(ValueError, match="is on (meta|cpu) but"):
+        _call(op, args)
+
+
+def test_losses_refuse_a_batch_on_another_device_than_their_banks():
+    from avidfast.losses import AVIDLoss, MemoryNCE
+
+    with pytest.raises(ValueError, match="embeddings is on meta but the bank is on cpu"):
+        MemoryNCE(50, 8, 10)(torch.randn(4, 8, device="meta"), torch.arange(4))
+    avid = AVIDLoss(50, dim=8, num_negatives=10)
+    with pytest.raises(ValueError, match="is on (meta|cpu) but"):
+        avid(torch.randn(4, 8, device="meta"), torch.randn(4, 8, device="meta"), torch.arange(4))
+    with pytest.raises(ValueError, match="is on (meta|cpu) but"):
+        avid(torch.randn(4, 8), torch.randn(4, 8), torch.arange(4, device="meta"))

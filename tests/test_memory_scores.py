@@ -77,3 +77,32 @@ def test_bad_input_raises_value_error(change, message):
     args.update(change)
     with pytest.raises(ValueError, match=message):
         memory_scores(**args)
+
+
+def test_second_derivative_equals_reference():
+    # Scores are linear in x, so a second derivative flows through the backward pass alone
+    # (memory_scores_backward, whose derivative is memory_scores): it used to be silently zero.
+    memory = unit_rows(60, 12, torch.float64)
+    idx = torch.randint(0, 60, (5, 9))
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x: memory_scores(x, memory, idx, 0.3).square().sum(1), (x,))
+    weights = torch.randn(5, 12, dtype=torch.float64)
+
+    def hessian_vector(scores_fn, x):
+        (grad,) = torch.autograd.grad(scores_fn(x, memory, idx, 0.3).sin().sum(), x, create_graph=True)
+        (hv,) = torch.autograd.grad((grad * weights).sum(), x)
+        return hv
+
+    ours = hessian_vector(memory_scores, x)
+    ref = hessian_vector(reference.memory_scores, x.detach().clone().requires_grad_())
+    assert ours.abs().max() > 0
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_opcheck_of_the_backward_with_its_own_gradient():
+    memory = unit_rows(40, 8)
+    idx = torch.randint(0, 40, (3, 5))
+    torch.library.opcheck(
+        torch.ops.avidfast.memory_scores_backward.default,
+        (torch.randn(3, 5, requires_grad=True), memory, idx, 0.07),
+    )

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from avidfast.ops import nce_memory_loss, reference
+import avidfast.ops
+from avidfast.ops import estimate_partition, nce_memory_loss, reference
 from conftest import unit_rows
 
 
@@ -101,3 +102,94 @@ def test_bad_input_raises_value_error(change, message):
     args.update(change)
     with pytest.raises(ValueError, match=message):
         nce_memory_loss(**args)
+
+
+def test_a_second_derivative_raises_instead_of_dropping_terms():
+    # The backward pass reuses the forward pass's gradient, which has no graph: create_graph=True
+    # used to give a gradient whose own derivative silently lacked the loss's Hessian.
+    x, memory, pos, neg, z = _problem(batch=4, num_items=60, dim=10, negatives=12,
+                                      memory_dtype=torch.float64, x_dtype=torch.float64)
+    (grad,) = torch.autograd.grad(nce_memory_loss(x, memory, pos, neg, 0.2, z), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="nce_memory_loss has no second derivative"):
+        torch.autograd.grad(grad.square().sum(), x)
+    # Mixed with a term that has one (a gradient penalty on the sum): still an error, not a
+    # Hessian with the NCE part missing.
+    total = nce_memory_loss(x, memory, pos, neg, 0.2, z) + x.pow(3).sum()
+    (grad,) = torch.autograd.grad(total, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="nce_memory_loss has no second derivative"):
+        torch.autograd.grad(grad.square().sum(), x)
+    # Without create_graph nothing changes.
+    (first,) = torch.autograd.grad(nce_memory_loss(x, memory, pos, neg, 0.2, z), x)
+    (ref,) = torch.autograd.grad(reference.nce_memory_loss(x, memory, pos, neg, 0.2, z), x)
+    torch.testing.assert_close(first, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_positive", [False, True])
+def test_estimate_partition_is_the_mean_of_exponentiated_scores(with_positive):
+    x, memory, pos, neg, _ = _problem(batch=6, negatives=40)
+    z = estimate_partition(x, memory, neg, 0.07, pos_idx=pos[:, 0] if with_positive else None)
+    columns = torch.cat([pos, neg], 1) if with_positive else neg
+    expected = (x.detach().double() @ memory.double().T / 0.07).exp().gather(1, columns).mean()
+    assert z.dtype == torch.float64 and z.dim() == 0 and not z.requires_grad
+    torch.testing.assert_close(z, expected, rtol=1e-6, atol=0)
+
+
+def test_a_peer_partition_constant_divided_by_n_gives_the_same_loss():
+    # lemniscate / CMC: Z_peer = N * mean(exp s) over the K + 1 scored columns; their criterion
+    # compares exp(s) / Z_peer with K / N. Written from those equations, on the same draws.
+    num_items, k, t = 400, 90, 0.07
+    x, memory, pos, neg, _ = _problem(num_items=num_items, negatives=k, memory_dtype=torch.float64,
+                                      x_dtype=torch.float64)
+    columns = torch.cat([pos, neg], 1)
+    p = ((x @ memory.T) / t).exp().gather(1, columns)
+    z_peer = num_items * p.detach().mean()
+    p = p / z_peer
+    noise = k / num_items
+    peer = -(torch.log(p[:, 0] / (p[:, 0] + noise)) + torch.log(noise / (p[:, 1:] + noise)).sum(1)).mean()
+    (peer_grad,) = torch.autograd.grad(peer, x)
+    z = estimate_partition(x, memory, neg, t, pos_idx=pos)
+    torch.testing.assert_close(z, z_peer / num_items, rtol=1e-12, atol=0)
+    ours = nce_memory_loss(x, memory, pos, neg, t, z_peer / num_items)
+    (grad,) = torch.autograd.grad(ours, x)
+    torch.testing.assert_close(ours, peer, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, peer_grad, rtol=1e-9, atol=1e-10)
+    # The trap: the peer's Z passed unchanged is a different objective.
+    wrong = nce_memory_loss(x, memory, pos, neg, t, z_peer)
+    assert (wrong - peer).abs() > 1.0
+
+
+def test_a_compiled_step_with_a_changing_z_and_step_compiles_once():
+    # Z as a 0-d tensor and the step as a tensor are graph inputs; as Python numbers they would
+    # be constants of the graph (a guard such as `Z == 2.1`), recompiled for every new value.
+    torch._dynamo.reset()
+    memory = unit_rows(200, 16)
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    def step(x, memory, index, z, step):
+        x = torch.nn.functional.normalize(x, dim=1)
+        negatives = avidfast.ops.sample_negatives(index, 200, 20, 3, step)
+        loss = nce_memory_loss(x, memory, index, negatives, 0.07, z)
+        avidfast.ops.memory_update_(memory, index, x.detach(), 0.5)
+        return loss
+
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    eager_memory = memory.clone()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(4):
+            x, index = torch.randn(8, 16), torch.randperm(200)[:8]
+            z, s = torch.tensor(2.1 + 0.3 * i, dtype=torch.float64), torch.tensor(i)
+            x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+            loss = compiled(x1, memory, index, z, s)
+            loss.backward()
+            if i == 0:
+                first = len(graphs)
+            expected = step(x2, eager_memory, index, z, s)
+            expected.backward()
+            torch.testing.assert_close(loss, expected)
+            torch.testing.assert_close(x1.grad, x2.grad)
+    assert first > 0 and len(graphs) == first
+    torch.testing.assert_close(memory, eager_memory)

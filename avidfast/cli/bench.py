@@ -47,6 +47,21 @@ def _bench_ops(args: argparse.Namespace) -> None:
     _run_bench(args, CASES, cfg)
 
 
+def _bench_migration(args: argparse.Namespace) -> None:
+    from avidfast.bench.migration_suite import CASES
+    from avidfast.bench.ops_suite import OpsBenchConfig
+
+    check_device(args.device)
+    if args.negatives >= args.num_items - 1:
+        raise UserError(f"--negatives {args.negatives} must be smaller than --num-items - 1 = {args.num_items - 1}")
+    cfg = OpsBenchConfig(
+        num_items=args.num_items, batch=args.batch, negatives=args.negatives, dim=args.dim,
+        bank_dtype=STORAGE_DTYPES[args.bank_dtype], device=args.device, rounds=args.rounds,
+        warmup=args.warmup, seed=args.seed,
+    )
+    _run_bench(args, CASES, cfg)
+
+
 def _bench_cma(args: argparse.Namespace) -> None:
     from avidfast.bench.cma_suite import CASES, CMABenchConfig
 
@@ -132,6 +147,21 @@ def register(commands) -> None:
     ops.add_argument("--bank-dtype", choices=list(STORAGE_DTYPES), default="float32", help="bank storage dtype")
     _add_common_bench_options(ops, 15, "timed rounds of the step case (x4 for the short cases)", 3)
     ops.set_defaults(handler=_bench_ops)
+    migration = suites.add_parser(
+        "migration", help="peers' memory-bank steps (lemniscate, CMC, mmselfsup NPID) vs avidfast's drop-ins, in one run",
+        description="Times each peer's loss step (their equations in their shape: alias draws, gather, bmm, "
+                    "unfused criterion, autograd, index_copy_ update; avidfast/bench/peers.py) against the "
+                    "avidfast module that replaces it (docs/migration.md), interleaved rounds, then peak "
+                    "extra memory; prints median ms, speed-up and memory ratio.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    migration.add_argument("--num-items", type=positive_int, default=500_000, help="memory slots N")
+    migration.add_argument("--batch", type=positive_int, default=128, help="batch size B")
+    migration.add_argument("--negatives", type=positive_int, default=1024, help="negatives K per row")
+    migration.add_argument("--dim", type=positive_int, default=128, help="embedding size D")
+    migration.add_argument("--bank-dtype", choices=list(STORAGE_DTYPES), default="float32", help="bank storage dtype")
+    _add_common_bench_options(migration, 15, "timed rounds", 3)
+    migration.set_defaults(handler=_bench_migration)
     cma = suites.add_parser(
         "cma", help="CMA positive mining: cma_topk vs the 16-query method and a bare matrix-product pass",
         description="Times positive mining with float32 and bfloat16 banks against the reference's "

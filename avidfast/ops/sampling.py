@@ -26,7 +26,9 @@ def sample_negatives(
         num_negatives: K draws per row; must be < N - P - 1.
         seed: 64-bit key of the Philox generator.
         step: training step (int or one-element int64 tensor, CPU or pos's device); every
-            (seed, step) pair gives a fresh draw, equal pairs give equal draws.
+            (seed, step) pair gives a fresh draw, equal pairs give equal draws. Under
+            torch.compile pass a tensor (e.g. a step buffer): a Python int is a constant of the
+            compiled graph, and a new value recompiles it.
         exclude: optional (B, P) int64, each row sorted ascending: indices that row must never
             draw (e.g. its CMA positives). Duplicates are allowed.
         row_offset: global index of row 0 (rank * local batch under data parallelism), so that

@@ -18,6 +18,12 @@ def memory_scores(
 
     Returns:
         (B, M) scores in float32 (float64 when x is float64), accumulated in that type.
+
+    Autograd: differentiable in x to any order (the backward pass is memory_scores_backward, whose
+    own derivative is memory_scores again), never in memory. The bank is saved for the backward
+    pass, so updating it in place (memory_update_) before backward() raises PyTorch's "modified
+    by an inplace operation" error; nce_memory_loss, which needs no bank in its backward pass,
+    allows that order.
     """
     return OPS.memory_scores(x, memory, idx, float(temperature))
 
@@ -55,4 +61,24 @@ def _backward(ctx, grad_scores):
 
 register_autograd(
     "avidfast::memory_scores", _backward, setup_context=_setup_context
+)
+
+
+# memory_scores_backward is linear in grad_scores: G -> sum_m G[b, m] memory[idx[b, m]] / T. Its
+# derivative (what a second derivative of memory_scores needs) is the adjoint map, memory_scores.
+def _setup_context_backward(ctx, inputs, output):
+    grad_scores, memory, idx, temperature = inputs
+    ctx.save_for_backward(memory, idx)
+    ctx.temperature = temperature
+    ctx.grad_dtype = grad_scores.dtype
+
+
+def _backward_of_backward(ctx, grad_grad_x):
+    memory, idx = ctx.saved_tensors
+    grad = OPS.memory_scores(grad_grad_x, memory, idx, ctx.temperature)
+    return grad.to(ctx.grad_dtype), None, None, None
+
+
+register_autograd(
+    "avidfast::memory_scores_backward", _backward_of_backward, setup_context=_setup_context_backward
 )
