@@ -33,22 +33,8 @@ def _run_bench(args: argparse.Namespace, builders, cfg, scale: float = 1.0) -> N
         print(f"wrote {args.json}")
 
 
-def _bench_ops(args: argparse.Namespace) -> None:
-    from avidfast.bench.ops_suite import CASES, OpsBenchConfig
-
-    check_device(args.device)
-    if args.negatives >= args.num_items - 1:
-        raise UserError(f"--negatives {args.negatives} must be smaller than --num-items - 1 = {args.num_items - 1}")
-    cfg = OpsBenchConfig(
-        num_items=args.num_items, batch=args.batch, negatives=args.negatives, dim=args.dim,
-        bank_dtype=STORAGE_DTYPES[args.bank_dtype], device=args.device, rounds=args.rounds,
-        warmup=args.warmup, seed=args.seed,
-    )
-    _run_bench(args, CASES, cfg)
-
-
-def _bench_migration(args: argparse.Namespace) -> None:
-    from avidfast.bench.migration_suite import CASES
+def _run_ops_config_bench(args: argparse.Namespace, cases) -> None:
+    """Runs ``cases`` (the ops or the migration suite) on the OpsBenchConfig of the shared options."""
     from avidfast.bench.ops_suite import OpsBenchConfig
 
     check_device(args.device)
@@ -59,7 +45,19 @@ def _bench_migration(args: argparse.Namespace) -> None:
         bank_dtype=STORAGE_DTYPES[args.bank_dtype], device=args.device, rounds=args.rounds,
         warmup=args.warmup, seed=args.seed,
     )
-    _run_bench(args, CASES, cfg)
+    _run_bench(args, cases, cfg)
+
+
+def _bench_ops(args: argparse.Namespace) -> None:
+    from avidfast.bench.ops_suite import CASES
+
+    _run_ops_config_bench(args, CASES)
+
+
+def _bench_migration(args: argparse.Namespace) -> None:
+    from avidfast.bench.migration_suite import CASES
+
+    _run_ops_config_bench(args, CASES)
 
 
 def _bench_cma(args: argparse.Namespace) -> None:
