@@ -80,7 +80,7 @@ at::Tensor memory_scores_cuda(const at::Tensor& x, const at::Tensor& memory, con
     static_assert(std::is_same_v<acc_t, accumulate_t<x_t>>);
     using Policy = ScoresPolicy<acc_t>;
     const gpu::RowsPlan plan = gpu::plan_rows<acc_t, mem_t, Policy>(
-        batch, count, dim, memory.data_ptr(), memory.get_device());
+        "memory_scores", batch, count, dim, memory.data_ptr(), memory.get_device());
     at::Tensor x_staged;
     if (plan.global) x_staged = x_c.to(acc_dtype).contiguous();
     Policy policy{idx_c.data_ptr<int64_t>(), count, static_cast<acc_t>(1.0 / temperature),
@@ -112,7 +112,7 @@ at::Tensor memory_scores_backward_cuda(const at::Tensor& grad_scores, const at::
     static_assert(std::is_same_v<acc_t, accumulate_t<x_t>>);
     using Policy = ScoresBackwardPolicy<acc_t>;
     const gpu::RowsPlan plan = gpu::plan_rows<acc_t, mem_t, Policy>(
-        batch, count, dim, memory.data_ptr(), memory.get_device());
+        "memory_scores_backward", batch, count, dim, memory.data_ptr(), memory.get_device());
     // One split writes grad_x directly; several write (B, S, D) partials summed in split order.
     at::Tensor partial = plan.splits == 1 ? grad_x : at::empty({batch, plan.splits, dim}, acc_options);
     at::Tensor workspace;

@@ -98,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> nce_memory_loss_cuda(const at::Tensor& x,
     static_assert(std::is_same_v<acc_t, accumulate_t<x_t>>);
     using Policy = NcePolicy<acc_t>;
     const gpu::RowsPlan plan = gpu::plan_rows<acc_t, mem_t, Policy>(
-        batch, terms, dim, memory.data_ptr(), memory.get_device());
+        "nce_memory_loss", batch, terms, dim, memory.data_ptr(), memory.get_device());
     // One split writes loss and grad directly; several write (B, S) and (B, S, D) partials
     // that are summed in split order.
     at::Tensor partial_loss = loss, partial_grad = grad;

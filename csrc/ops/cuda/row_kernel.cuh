@@ -29,9 +29,6 @@
 namespace avidfast {
 namespace gpu {
 
-// Warps per block of the rows kernel (fewer when D is large, so that shared memory fits).
-constexpr int kMaxWarps = 8;
-
 // Floating dtypes read through a type-erased pointer (x, grad_scores): the heavy kernels are
 // templated on the accumulation and memory types only, not on x's dtype as well.
 enum class FloatKind : int { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3 };
@@ -71,9 +68,6 @@ __device__ __forceinline__ acc_t load_float(const void* p, FloatKind kind, int64
 //   __device__ Item fetch(int64_t b, int64_t j) const;       // term j of batch row b
 //   __device__ acc_t weight(int64_t b, int64_t j, const Item&, bool valid, acc_t dot,
 //                           acc_t& loss, int lane) const;    // coefficient of the row in the sum
-
-// Rows in flight per warp for a given number of 16-byte words per lane (0: scalar fallback).
-constexpr int rows_in_flight(int vec) { return vec == 0 ? 4 : (vec >= 4 ? 1 : 4 / vec); }
 
 // The kernels and their launchers have internal linkage: every .cu gets its own instantiations
 // (none is shared between translation units).
