@@ -2,10 +2,10 @@
 // registrations (avidfast.cpp, ops/cpu, ops/cuda). Its attributes describe the build, for
 // `avidfast info` and for the version check in avidfast/ops/_extension.py.
 //
-// Functions whose names start with an underscore are test hooks, not API (no operator schema, not
-// exported by avidfast.ops): _plan_rows, _plan_memory_update, _plan_cma_topk and
-// _launch_constants run the pure launch planners of ops/launch_plan.h on the CPU, for
-// tests/test_launch_plan.py.
+// Functions whose names start with an underscore are test hooks, not API (no operator schema,
+// not exported by avidfast.ops): _plan_rows, _plan_rows_splits, _plan_memory_update,
+// _plan_cma_topk and _launch_constants run the pure launch planners of ops/launch_plan.h on the
+// CPU, for tests/test_launch_plan.py.
 #include <Python.h>
 #include <torch/version.h>
 
@@ -34,43 +34,82 @@ PyObject* cpu_kernels(PyObject*, PyObject*) {
 
 namespace plan = avidfast::gpu;
 
-// _plan_rows(batch, terms, dim, acc_bytes, mem_bytes, aligned, needs_dot, accumulate,
-//            static_shared, blocks_per_sm, sms, shared_limit=48 KiB) -> dict
+// _plan_rows(terms, dim, acc_bytes, mem_bytes, aligned, needs_dot, accumulate, static_shared,
+//            shared_limit=48 KiB): the shape of a rows-kernel launch (plan_rows_shape) as
+// (vec, warps, dynamic shared bytes, global fallback); with a sequence of dims, four lists
+// (vecs, warps, shared bytes, fallbacks), one entry per dim.
 PyObject* plan_rows_hook(PyObject*, PyObject* args, PyObject* kwargs) {
-  static const char* keywords[] = {"batch", "terms", "dim", "acc_bytes", "mem_bytes", "aligned",
-                                   "needs_dot", "accumulate", "static_shared", "blocks_per_sm",
-                                   "sms", "shared_limit", nullptr};
-  long long batch, terms, dim, static_shared, blocks_per_sm, sms;
+  static const char* keywords[] = {"terms", "dim", "acc_bytes", "mem_bytes", "aligned", "needs_dot",
+                                   "accumulate", "static_shared", "shared_limit", nullptr};
+  long long terms, static_shared;
   long long shared_limit = plan::kDefaultSharedBytes;
+  PyObject* dims = nullptr;
   int acc_bytes, mem_bytes, aligned, needs_dot, accumulate;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LLLiipppLLL|L", const_cast<char**>(keywords),
-                                   &batch, &terms, &dim, &acc_bytes, &mem_bytes, &aligned,
-                                   &needs_dot, &accumulate, &static_shared, &blocks_per_sm, &sms,
-                                   &shared_limit)) {
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LOiipppL|L", const_cast<char**>(keywords), &terms,
+                                   &dims, &acc_bytes, &mem_bytes, &aligned, &needs_dot, &accumulate,
+                                   &static_shared, &shared_limit)) {
     return nullptr;
   }
-  if (terms < 1 || dim < 1 || batch < 1 || (acc_bytes != 4 && acc_bytes != 8) ||
+  if (terms < 1 || (acc_bytes != 4 && acc_bytes != 8) ||
       (mem_bytes != 2 && mem_bytes != 4 && mem_bytes != 8)) {
-    PyErr_SetString(PyExc_ValueError, "_plan_rows: batch, terms, dim >= 1; acc_bytes 4 or 8; "
-                                      "mem_bytes 2, 4 or 8");
+    PyErr_SetString(PyExc_ValueError,
+                    "_plan_rows: terms >= 1; acc_bytes 4 or 8; mem_bytes 2, 4 or 8");
     return nullptr;
   }
   plan::RowsProblem problem;
   problem.terms = terms;
-  problem.dim = dim;
   problem.acc_bytes = acc_bytes;
   problem.mem_bytes = mem_bytes;
   problem.aligned = aligned != 0;
   problem.needs_dot = needs_dot != 0;
   problem.accumulate = accumulate != 0;
-  plan::RowsPlan result = plan::plan_rows_shape(problem, static_shared, shared_limit);
-  plan::plan_rows_splits(result, batch, terms, blocks_per_sm * sms);
-  return Py_BuildValue("{s:i,s:i,s:i,s:L,s:L,s:L,s:O}", "vec", result.vec, "warps", result.warps,
-                       "threads", result.warps * plan::kWarp, "splits",
-                       static_cast<long long>(result.splits), "per_split",
-                       static_cast<long long>(result.per_split), "smem",
-                       static_cast<long long>(result.smem), "global",
-                       result.global ? Py_True : Py_False);
+  if (PyLong_Check(dims)) {
+    problem.dim = PyLong_AsLongLong(dims);
+    if (problem.dim < 1) {
+      PyErr_SetString(PyExc_ValueError, "_plan_rows: dim >= 1");
+      return nullptr;
+    }
+    const plan::RowsPlan result = plan::plan_rows_shape(problem, static_shared, shared_limit);
+    return Py_BuildValue("(iiLO)", result.vec, result.warps, static_cast<long long>(result.smem),
+                         result.global ? Py_True : Py_False);
+  }
+  PyObject* seq = PySequence_Fast(dims, "_plan_rows: dim must be an int or a sequence of ints");
+  if (seq == nullptr) return nullptr;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  PyObject* lists[4] = {PyList_New(n), PyList_New(n), PyList_New(n), PyList_New(n)};
+  bool ok = lists[0] && lists[1] && lists[2] && lists[3];
+  for (Py_ssize_t i = 0; ok && i < n; ++i) {
+    problem.dim = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, i));
+    if (problem.dim < 1) {
+      if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "_plan_rows: dim >= 1");
+      ok = false;
+      break;
+    }
+    const plan::RowsPlan result = plan::plan_rows_shape(problem, static_shared, shared_limit);
+    PyList_SET_ITEM(lists[0], i, PyLong_FromLong(result.vec));
+    PyList_SET_ITEM(lists[1], i, PyLong_FromLong(result.warps));
+    PyList_SET_ITEM(lists[2], i, PyLong_FromLongLong(static_cast<long long>(result.smem)));
+    PyList_SET_ITEM(lists[3], i, PyBool_FromLong(result.global ? 1 : 0));
+  }
+  Py_DECREF(seq);
+  if (!ok) {
+    for (PyObject* list : lists) Py_XDECREF(list);
+    return nullptr;
+  }
+  return Py_BuildValue("(NNNN)", lists[0], lists[1], lists[2], lists[3]);
+}
+
+// _plan_rows_splits(vec, warps, batch, terms, slots) -> (splits, per_split) (plan_rows_splits)
+PyObject* plan_rows_splits_hook(PyObject*, PyObject* args) {
+  int vec, warps;
+  long long batch, terms, slots;
+  if (!PyArg_ParseTuple(args, "iiLLL", &vec, &warps, &batch, &terms, &slots)) return nullptr;
+  plan::RowsPlan result;
+  result.vec = vec;
+  result.warps = warps;
+  plan::plan_rows_splits(result, batch, terms, slots);
+  return Py_BuildValue("(LL)", static_cast<long long>(result.splits),
+                       static_cast<long long>(result.per_split));
 }
 
 // _plan_memory_update(batch, dim, row_bytes, static_shared, shared_limit=48 KiB) -> dict
@@ -126,14 +165,17 @@ PyMethodDef methods[] = {
      "The CPU kernel variants chosen on this processor at load time: {'row_loops', 'cma_tiles'}."},
     {"_plan_rows", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plan_rows_hook)),
      METH_VARARGS | METH_KEYWORDS,
-     "Test hook: the rows kernel's launch plan (ops/launch_plan.h) for the given problem, static "
-     "shared bytes and occupancy: {'vec', 'warps', 'threads', 'splits', 'per_split', 'smem', "
-     "'global'}."},
+     "Test hook: the shape of a rows-kernel launch (ops/launch_plan.h, plan_rows_shape): "
+     "(vec, warps, dynamic shared bytes, global fallback), or four lists of them for a sequence "
+     "of dims."},
+    {"_plan_rows_splits", plan_rows_splits_hook, METH_VARARGS,
+     "Test hook: the splits of a rows-kernel launch (plan_rows_splits): (splits, per_split)."},
     {"_plan_memory_update",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plan_memory_update_hook)),
      METH_VARARGS | METH_KEYWORDS,
      "Test hook: memory_update_'s launch plan: {'threads', 'smem', 'workspace', 'sorted'}."},
-    {"_plan_cma_topk", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plan_cma_topk_hook)),
+    {"_plan_cma_topk",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plan_cma_topk_hook)),
      METH_VARARGS | METH_KEYWORDS,
      "Test hook: cma_topk's shared-memory plan: {'ok', 'capacity', 'lists_on_chip', 'smem', "
      "'dynamic_limit', 'needed'}."},

@@ -46,7 +46,9 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr int kMaxWarps = 8;
 
 // Rows in flight per warp for a given number of 16-byte words per lane (0: scalar fallback).
-AVF_PLAN_HD constexpr int rows_in_flight(int vec) { return vec == 0 ? 4 : (vec >= 4 ? 1 : 4 / vec); }
+AVF_PLAN_HD constexpr int rows_in_flight(int vec) {
+  return vec == 0 ? 4 : (vec >= 4 ? 1 : 4 / vec);
+}
 
 struct RowsPlan {
   int vec = 0;            // 16-byte words per lane per row (1, 2, 4, 8), or 0 for the fallback
@@ -70,7 +72,8 @@ struct RowsProblem {
 
 // Dynamic shared bytes of a block of `warps` warps: x (when needed) and one accumulator per warp.
 inline int64_t rows_shared_bytes(const RowsProblem& p, int warps) {
-  return ((p.needs_dot ? 1 : 0) + (p.accumulate ? warps : 0)) * p.dim * static_cast<int64_t>(p.acc_bytes);
+  const int64_t rows = (p.needs_dot ? 1 : 0) + (p.accumulate ? warps : 0);
+  return rows * p.dim * static_cast<int64_t>(p.acc_bytes);
 }
 
 // Variant, warps and dynamic shared memory. static_shared: the kernel's static shared bytes (the
@@ -85,11 +88,13 @@ inline RowsPlan plan_rows_shape(const RowsProblem& p, int64_t static_shared,
     const int64_t per_lane = ceil_div(p.dim / elems, kWarp);
     plan.vec = per_lane <= 1 ? 1 : per_lane <= 2 ? 2 : per_lane <= 4 ? 4 : per_lane <= 8 ? 8 : 0;
   }
-  const int64_t budget = shared_limit;  // static_shared is not budgeted yet (issue 20)
-  (void)static_shared;
+  const int64_t budget = shared_limit - static_shared;
   const int64_t rows = rows_in_flight(plan.vec);
-  plan.warps = static_cast<int>(std::min<int64_t>(kMaxWarps, std::max<int64_t>(1, ceil_div(p.terms, rows))));
-  while (plan.warps > 1 && rows_shared_bytes(p, plan.warps) > budget) plan.warps = (plan.warps + 1) / 2;
+  const int64_t wanted = std::max<int64_t>(1, ceil_div(p.terms, rows));
+  plan.warps = static_cast<int>(std::min<int64_t>(kMaxWarps, wanted));
+  while (plan.warps > 1 && rows_shared_bytes(p, plan.warps) > budget) {
+    plan.warps = (plan.warps + 1) / 2;
+  }
   if (rows_shared_bytes(p, plan.warps) > budget) {
     plan.global = true;
     plan.vec = 0;
@@ -109,12 +114,14 @@ inline void plan_rows_splits(RowsPlan& plan, int64_t batch, int64_t terms, int64
   const int64_t rows = rows_in_flight(plan.vec);
   const int64_t min_per_split = static_cast<int64_t>(plan.warps) * rows * 2;
   const int64_t max_splits = std::min<int64_t>(
-      {std::max<int64_t>(1, terms / min_per_split), kMaxGridY, std::max<int64_t>(1, ceil_div(4 * slots, batch))});
+      {std::max<int64_t>(1, terms / min_per_split), kMaxGridY,
+       std::max<int64_t>(1, ceil_div(4 * slots, batch))});
   int64_t best = 1;
   double best_use = 0.0;
   for (int64_t splits = 1; splits <= max_splits; ++splits) {
     const int64_t blocks = batch * splits;
-    const double use = static_cast<double>(blocks) / static_cast<double>(ceil_div(blocks, slots) * slots);
+    const double use =
+        static_cast<double>(blocks) / static_cast<double>(ceil_div(blocks, slots) * slots);
     if (use > best_use + 1e-9) {
       best = splits;
       best_use = use;
@@ -140,14 +147,15 @@ struct UpdatePlan {
 };
 
 // row_bytes: sizeof(row_t) (4, or 8 for float64 banks).
-inline UpdatePlan plan_memory_update(int64_t batch, int64_t dim, int row_bytes, int64_t static_shared,
+inline UpdatePlan plan_memory_update(int64_t batch, int64_t dim, int row_bytes,
+                                     int64_t static_shared,
                                      int64_t shared_limit = kDefaultSharedBytes) {
   UpdatePlan plan;
-  plan.threads = static_cast<int>(std::min<int64_t>(kUpdateMaxThreads, ceil_div(dim, kWarp) * kWarp));
+  plan.threads =
+      static_cast<int>(std::min<int64_t>(kUpdateMaxThreads, ceil_div(dim, kWarp) * kWarp));
   plan.sorted = batch > kUpdateScanBatch;
   const int64_t bytes = dim * static_cast<int64_t>(row_bytes);
-  (void)static_shared;  // not budgeted yet (issue 20)
-  if (bytes > shared_limit) {
+  if (bytes > shared_limit - static_shared) {
     plan.workspace = true;
   } else {
     plan.smem = bytes;
@@ -188,14 +196,14 @@ struct SharedPlan {
 // global memory (with 32-entry buffers, or 16 on devices with ~100 KiB per block).
 inline SharedPlan plan_shared(int64_t k, int64_t max_optin, int64_t static_shared) {
   SharedPlan plan;
-  plan.dynamic_limit = max_optin;  // static_shared is not subtracted yet (issue 20)
-  (void)static_shared;
+  plan.dynamic_limit = max_optin - static_shared;
   const int64_t base = static_cast<int64_t>(kStages) * kStageBytes + kQueryStateBytes;
   const int64_t list_bytes = static_cast<int64_t>(kBlockQueries) * k * 8;
   plan.needed = base + static_cast<int64_t>(kBlockQueries) * (kMaxCandidates / 2) * 8;
   for (const bool on_chip : {true, false}) {
     for (const int capacity : {kMaxCandidates, kMaxCandidates / 2}) {
-      const int64_t bytes = base + static_cast<int64_t>(kBlockQueries) * capacity * 8 + (on_chip ? list_bytes : 0);
+      const int64_t bytes =
+          base + static_cast<int64_t>(kBlockQueries) * capacity * 8 + (on_chip ? list_bytes : 0);
       if (!plan.ok && bytes <= plan.dynamic_limit) {
         plan.ok = true;
         plan.capacity = capacity;

@@ -73,8 +73,8 @@ int64_t rows_static_shared(int device) {
 // static shared size, occupancy and SM count. `op` names the operator in the error raised when
 // the planned block cannot run (occupancy 0).
 template <typename acc_t, typename mem_t, typename Policy>
-RowsPlan plan_rows(const char* op, int64_t batch, int64_t terms, int64_t dim, const void* memory_ptr,
-                   int device) {
+RowsPlan plan_rows(const char* op, int64_t batch, int64_t terms, int64_t dim,
+                   const void* memory_ptr, int device) {
   RowsProblem problem;
   problem.terms = terms;
   problem.dim = dim;
@@ -91,7 +91,8 @@ RowsPlan plan_rows(const char* op, int64_t batch, int64_t terms, int64_t dim, co
               plan.smem, " bytes of dynamic and ", static_shared,
               " of static shared memory per block, D = ", dim, ", ", terms,
               " terms per row); please report this as a bug");
-  TORCH_CHECK(batch <= kMaxGridX, op, ": at most ", kMaxGridX, " rows per call on CUDA, got ", batch);
+  TORCH_CHECK(batch <= kMaxGridX, op, ": at most ", kMaxGridX, " rows per call on CUDA, got ",
+              batch);
   plan_rows_splits(plan, batch, terms, static_cast<int64_t>(per_sm) * multiprocessor_count(device));
   return plan;
 }
@@ -105,7 +106,8 @@ void launch_rows(const RowsPlan& plan, const Policy& policy, const mem_t* memory
   const dim3 block(static_cast<unsigned>(plan.warps * kWarp));
   with_rows_variant(plan.vec, [&](auto variant) {
     constexpr int kVec = decltype(variant)::value;
-    rows_kernel<kVec, acc_t, mem_t, Policy><<<grid, block, static_cast<size_t>(plan.smem), stream>>>(
+    const auto smem = static_cast<size_t>(plan.smem);
+    rows_kernel<kVec, acc_t, mem_t, Policy><<<grid, block, smem, stream>>>(
         policy, memory, num_items, dim, x, x_kind, x_staged, acc_global, terms, plan.per_split,
         partial_grad, partial_loss);
   });
