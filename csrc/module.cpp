@@ -5,12 +5,14 @@
 // Functions whose names start with an underscore are test hooks, not API (no operator schema,
 // not exported by avidfast.ops): _plan_rows, _plan_rows_splits, _plan_memory_update,
 // _plan_cma_topk and _launch_constants run the pure launch planners of ops/launch_plan.h on the
-// CPU, for tests/test_launch_plan.py.
+// CPU, for tests/test_launch_plan.py; _treat_cpu_as_device and _host_reads mock the value
+// checks' host syncs without CUDA (tests/test_value_checks.py).
 #include <Python.h>
 #include <torch/version.h>
 
 #include <cstdint>
 
+#include "ops/checks.h"
 #include "ops/cpu/agreement_tiles.h"
 #include "ops/cpu/rows.h"
 #include "ops/launch_plan.h"
@@ -160,6 +162,17 @@ PyObject* launch_constants(PyObject*, PyObject*) {
       "cma_max_candidates", plan::cma::kMaxCandidates);
 }
 
+PyObject* treat_cpu_as_device_hook(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  avidfast::set_treat_cpu_as_device(on != 0);
+  Py_RETURN_NONE;
+}
+
+PyObject* host_reads_hook(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(static_cast<long long>(avidfast::host_reads()));
+}
+
 PyMethodDef methods[] = {
     {"cpu_kernels", cpu_kernels, METH_NOARGS,
      "The CPU kernel variants chosen on this processor at load time: {'row_loops', 'cma_tiles'}."},
@@ -179,6 +192,10 @@ PyMethodDef methods[] = {
      METH_VARARGS | METH_KEYWORDS,
      "Test hook: cma_topk's shared-memory plan: {'ok', 'capacity', 'lists_on_chip', 'smem', "
      "'dynamic_limit', 'needed'}."},
+    {"_treat_cpu_as_device", treat_cpu_as_device_hook, METH_O,
+     "Test hook: CPU tensors take the value checks' path of device tensors (a CUDA-free mock)."},
+    {"_host_reads", host_reads_hook, METH_NOARGS,
+     "Test hook: device-to-host reads (stream syncs) the value checks have made so far."},
     {"_launch_constants", launch_constants, METH_NOARGS,
      "Test hook: the constants of ops/launch_plan.h the planners use."},
     {nullptr, nullptr, 0, nullptr}};

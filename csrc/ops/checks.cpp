@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -20,8 +21,21 @@ bool device_value_checks_enabled() {
 
 namespace {
 
+std::atomic<bool> cpu_as_device{false};
+std::atomic<int64_t> host_read_count{0};
+
+// A device tensor, or a CPU tensor under the test hook set_treat_cpu_as_device.
+bool on_device(const at::Tensor& t) { return t.is_cuda() || cpu_as_device.load(); }
+
 bool value_checks_apply(const at::Tensor& t) {
-  return !t.is_cuda() || device_value_checks_enabled();
+  return !on_device(t) || device_value_checks_enabled();
+}
+
+// t.item<T>(): a device-to-host copy and a stream sync for a device tensor (counted).
+template <typename T>
+T read_scalar(const at::Tensor& t) {
+  if (on_device(t)) host_read_count.fetch_add(1);
+  return t.item<T>();
 }
 
 bool is_supported_float(at::ScalarType t) {
@@ -33,12 +47,16 @@ bool is_supported_float(at::ScalarType t) {
 void check_range(const at::Tensor& t, const char* name, int64_t num_items, const char* what) {
   if (t.numel() == 0 || !value_checks_apply(t)) return;
   auto [lo, hi] = at::aminmax(t);
-  const int64_t low = lo.item<int64_t>(), high = hi.item<int64_t>();
+  const int64_t low = read_scalar<int64_t>(lo), high = read_scalar<int64_t>(hi);
   TORCH_CHECK_VALUE(low >= 0 && high < num_items, name, " must lie in [0, ", num_items, ")", what,
                     ", but holds values in [", low, ", ", high, "]");
 }
 
 }  // namespace
+
+void set_treat_cpu_as_device(bool on) { cpu_as_device.store(on); }
+
+int64_t host_reads() { return host_read_count.load(); }
 
 at::ScalarType accumulate_dtype(at::ScalarType x_dtype) {
   return x_dtype == at::kDouble ? at::kDouble : at::kFloat;
@@ -98,7 +116,8 @@ void check_sample_negatives(const at::Tensor& pos, int64_t num_items, int64_t nu
   TORCH_CHECK_VALUE(step.is_cpu() || step.device() == pos.device(), "step is on ", step.device(),
                     " but pos is on ", pos.device());
   if (value_checks_apply(step)) {
-    TORCH_CHECK_VALUE(step.item<int64_t>() >= 0, "step must be >= 0, got ", step.item<int64_t>());
+    const int64_t value = read_scalar<int64_t>(step);
+    TORCH_CHECK_VALUE(value >= 0, "step must be >= 0, got ", value);
   }
   int64_t excluded = 0;
   if (exclude.has_value()) {
@@ -113,10 +132,8 @@ void check_sample_negatives(const at::Tensor& pos, int64_t num_items, int64_t nu
     excluded = ex.size(1);
     check_range(ex, "exclude", num_items, "");
     if (ex.numel() > 0 && ex.size(1) > 1 && value_checks_apply(ex)) {
-      const bool sorted = ex.narrow(1, 1, ex.size(1) - 1)
-                              .ge(ex.narrow(1, 0, ex.size(1) - 1))
-                              .all()
-                              .item<bool>();
+      const bool sorted = read_scalar<bool>(
+          ex.narrow(1, 1, ex.size(1) - 1).ge(ex.narrow(1, 0, ex.size(1) - 1)).all());
       TORCH_CHECK_VALUE(sorted, "every row of exclude must be sorted in ascending order "
                                 "(use torch.sort(exclude, dim=1).values)");
     }
@@ -165,7 +182,7 @@ void check_nce_memory_loss(const at::Tensor& x, const at::Tensor& memory, const 
   TORCH_CHECK_VALUE(partition.is_cpu() || partition.device() == memory.device(), "Z is on ",
                     partition.device(), " but memory is on ", memory.device());
   if (value_checks_apply(partition)) {
-    const double z = partition.item<double>();
+    const double z = read_scalar<double>(partition);
     TORCH_CHECK_VALUE(std::isfinite(z) && z > 0, "Z (the partition estimate) must be positive "
                       "and finite, got ", z);
   }

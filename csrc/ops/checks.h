@@ -40,6 +40,13 @@ Agreement check_cma_topk(const at::Tensor& video_memory, const at::Tensor& audio
                          c10::string_view mode, const c10::optional<at::Tensor>& queries,
                          c10::string_view precision);
 
+// Test hooks (avidfast._C._treat_cpu_as_device, _host_reads): a CUDA-free mock of the value
+// checks' host syncs. With set_treat_cpu_as_device(true), CPU tensors take the checks' path of
+// device tensors; host_reads() counts the device-to-host reads (each a stream sync) the checks
+// have made of device tensors, or of CPU tensors so treated.
+void set_treat_cpu_as_device(bool on);
+int64_t host_reads();
+
 // Dtype of scores, losses and x-gradients: float64 when x is float64, float32 otherwise.
 at::ScalarType accumulate_dtype(at::ScalarType x_dtype);
 
