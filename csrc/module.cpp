@@ -5,16 +5,20 @@
 // Functions whose names start with an underscore are test hooks, not API (no operator schema,
 // not exported by avidfast.ops): _plan_rows, _plan_rows_splits, _plan_memory_update,
 // _plan_cma_topk and _launch_constants run the pure launch planners of ops/launch_plan.h on the
-// CPU, for tests/test_launch_plan.py; _treat_cpu_as_device and _host_reads mock the value
-// checks' host syncs without CUDA (tests/test_value_checks.py).
+// CPU, for tests/test_launch_plan.py. _set_value_checks, _value_checks, _treat_cpu_as_device,
+// _host_reads, _inject_device_error drive the value checks (ops/device_errors.h) from tests and
+// benchmarks, and mock their host syncs without CUDA (tests/test_value_checks.py).
+// _take_device_error is what avidfast.ops.check_errors() calls.
 #include <Python.h>
 #include <torch/version.h>
 
 #include <cstdint>
 
-#include "ops/checks.h"
+#include <c10/util/Exception.h>
+
 #include "ops/cpu/agreement_tiles.h"
 #include "ops/cpu/rows.h"
+#include "ops/device_errors.h"
 #include "ops/launch_plan.h"
 
 // setup.py passes the archs as bare tokens (e.g. 8.0,9.0+PTX); this spells them as a string.
@@ -173,6 +177,51 @@ PyObject* host_reads_hook(PyObject*, PyObject*) {
   return PyLong_FromLongLong(static_cast<long long>(avidfast::host_reads()));
 }
 
+// _set_value_checks(mode): -1 the environment's, 0 host (synchronous), 1 device, 2 off.
+PyObject* set_value_checks_hook(PyObject*, PyObject* arg) {
+  const long mode = PyLong_AsLong(arg);
+  if (mode == -1 && PyErr_Occurred()) return nullptr;
+  if (mode < -1 || mode > 2) {
+    PyErr_SetString(PyExc_ValueError, "_set_value_checks: mode must be -1, 0, 1 or 2");
+    return nullptr;
+  }
+  avidfast::set_value_checks_override(static_cast<int>(mode));
+  Py_RETURN_NONE;
+}
+
+PyObject* value_checks_hook(PyObject*, PyObject*) {
+  return PyLong_FromLong(static_cast<long>(avidfast::cuda_value_checks()));
+}
+
+// _take_device_error(synchronize) -> the message of the first recorded failure (cleared), or None.
+PyObject* take_device_error_hook(PyObject*, PyObject* arg) {
+  const int synchronize = PyObject_IsTrue(arg);
+  if (synchronize < 0) return nullptr;
+  try {
+    avidfast::raise_device_errors(synchronize != 0);
+  } catch (const c10::ValueError& error) {
+    return PyUnicode_FromString(error.msg().c_str());
+  } catch (const c10::Error& error) {  // a failed sync: the device's own error
+    PyErr_SetString(PyExc_RuntimeError, error.msg().c_str());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+// _inject_device_error(device, check, value, limit): records a failure as a kernel would.
+PyObject* inject_device_error_hook(PyObject*, PyObject* args) {
+  int device, check;
+  long long value, limit;
+  if (!PyArg_ParseTuple(args, "iiLL", &device, &check, &value, &limit)) return nullptr;
+  try {
+    avidfast::inject_device_error(device, check, value, limit);
+  } catch (const c10::Error& error) {
+    PyErr_SetString(PyExc_ValueError, error.msg().c_str());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"cpu_kernels", cpu_kernels, METH_NOARGS,
      "The CPU kernel variants chosen on this processor at load time: {'row_loops', 'cma_tiles'}."},
@@ -196,6 +245,16 @@ PyMethodDef methods[] = {
      "Test hook: CPU tensors take the value checks' path of device tensors (a CUDA-free mock)."},
     {"_host_reads", host_reads_hook, METH_NOARGS,
      "Test hook: device-to-host reads (stream syncs) the value checks have made so far."},
+    {"_set_value_checks", set_value_checks_hook, METH_O,
+     "Test hook: the value checks of CUDA tensors: -1 the environment's, 0 host (synchronous), "
+     "1 device (lazy), 2 off."},
+    {"_value_checks", value_checks_hook, METH_NOARGS,
+     "The value checks of CUDA tensors now: 0 host (synchronous), 1 device (lazy), 2 off."},
+    {"_take_device_error", take_device_error_hook, METH_O,
+     "The message of the first failure the kernels recorded (cleared), or None; with True, after "
+     "synchronising every device used. avidfast.ops.check_errors() raises it."},
+    {"_inject_device_error", inject_device_error_hook, METH_VARARGS,
+     "Test hook: record a failure (device, check, value, limit) as a kernel would."},
     {"_launch_constants", launch_constants, METH_NOARGS,
      "Test hook: the constants of ops/launch_plan.h the planners use."},
     {nullptr, nullptr, 0, nullptr}};

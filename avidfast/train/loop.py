@@ -26,6 +26,7 @@ from avidfast.checkpoints.build import build_criterion, build_model, load_refere
 from avidfast.config import Config
 from avidfast.distributed import init_from_env
 from avidfast.errors import TrainingError
+from avidfast.ops import check_errors
 from avidfast.train.metrics import MetricsSink
 from avidfast.train.run_folder import setup_logging, write_run_files
 from avidfast.train.step import TrainStep, autocast_dtype, to_channels_last
@@ -309,6 +310,7 @@ def _train_epoch(run: _Run, epoch: int, skip_batches: int, tally: _Tally, stop: 
         tally.last_loss = float(result.loss)
         if not math.isfinite(tally.last_loss):
             run.save(epoch, batches_done)
+            check_errors()  # a bad index or Z the CUDA kernels recorded names itself (ValueError)
             raise TrainingError(f"loss became {tally.last_loss} at epoch {epoch + 1}, batch {batches_done}; "
                                 "the last checkpoint is kept; try a lower optim.lr or train.precision=fp32")
         step_time = time.perf_counter() - t0
@@ -333,6 +335,7 @@ def _train_epoch(run: _Run, epoch: int, skip_batches: int, tally: _Tally, stop: 
         data_wait = time.perf_counter()
     if bar is not None:
         bar.close()
+    check_errors()  # what the CUDA kernels recorded in the epoch's last step (one sync per epoch)
     keep = (epoch + 1) in cfg.train.keep_epochs or epoch + 1 == cfg.optim.epochs
     run.save(epoch + 1, 0, keep=keep)
     run.metrics.epoch(epoch + 1, tally.last_loss, getattr(run.loader, "bad_samples", 0))

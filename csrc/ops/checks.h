@@ -10,10 +10,11 @@
 
 namespace avidfast {
 
-// Whether value checks that need a device-to-host copy (index ranges, sortedness, Z) run on CUDA
-// tensors. On by default; AVIDFAST_CHECK_INDICES=0 turns them off (CPU tensors are always
-// checked). The CUDA kernels bound-check every row they read either way.
-bool device_value_checks_enabled();
+// The value checks (index ranges, the order of `exclude`, step >= 0, Z > 0) run on the host for
+// CPU tensors. For CUDA tensors they run in the kernels by default (reported at a later call,
+// no host sync), on the host with AVIDFAST_SYNC_CHECKS=1, not at all with
+// AVIDFAST_CHECK_INDICES=0: ops/device_errors.h. The CUDA kernels bound-check every row they read
+// either way.
 
 void check_memory(const at::Tensor& memory);
 void check_embeddings(const at::Tensor& x, const char* name, const at::Tensor& memory);
@@ -39,13 +40,6 @@ void check_memory_update(const at::Tensor& memory, const at::Tensor& idx, const 
 Agreement check_cma_topk(const at::Tensor& video_memory, const at::Tensor& audio_memory, int64_t k,
                          c10::string_view mode, const c10::optional<at::Tensor>& queries,
                          c10::string_view precision);
-
-// Test hooks (avidfast._C._treat_cpu_as_device, _host_reads): a CUDA-free mock of the value
-// checks' host syncs. With set_treat_cpu_as_device(true), CPU tensors take the checks' path of
-// device tensors; host_reads() counts the device-to-host reads (each a stream sync) the checks
-// have made of device tensors, or of CPU tensors so treated.
-void set_treat_cpu_as_device(bool on);
-int64_t host_reads();
 
 // Dtype of scores, losses and x-gradients: float64 when x is float64, float32 otherwise.
 at::ScalarType accumulate_dtype(at::ScalarType x_dtype);

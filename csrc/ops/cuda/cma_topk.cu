@@ -55,6 +55,7 @@
 #include "ops/agreement.h"
 #include "ops/checks.h"
 #include "ops/cuda/cma_tiles.cuh"
+#include "ops/cuda/device_errors.cuh"
 #include "ops/cuda/host.cuh"
 
 namespace avidfast {
@@ -87,6 +88,7 @@ struct Params {
   bool vec;           // 16-byte cp.async loads (aligned banks, rows a multiple of 16 bytes)
   const int64_t* queries;  // (Q,) rows, or null for rows 0..N-1
   int64_t num_queries;
+  DeviceError* errors;  // the device's value-check record, or null (ops/device_errors.h)
   int k;
   int capacity;  // candidate buffer entries per query (<= 32)
   bool lists_on_chip;
@@ -252,7 +254,11 @@ __global__ void __launch_bounds__(kThreads, 1) cma_topk_kernel(const Params p) {
       int row = -1;
       if (qg < p.num_queries) {
         const int64_t r = p.queries != nullptr ? p.queries[qg] : qg;
-        if (r >= 0 && r < p.num_items) row = static_cast<int>(r);
+        if (r >= 0 && r < p.num_items) {
+          row = static_cast<int>(r);
+        } else {
+          gpu::report_error(p.errors, DeviceCheck::kCmaQueries, r, p.num_items);
+        }
       }
       s.row[i] = row;
       s.threshold_value[i] = row >= 0 ? -INFINITY : INFINITY;
@@ -573,6 +579,7 @@ std::tuple<at::Tensor, at::Tensor> cma_topk_cuda(const at::Tensor& video_memory,
   auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   p.vec = p.row_bytes % 16 == 0 && aligned(p.banks[0]) && aligned(p.banks[1]);
   p.queries = queries.has_value() ? query_rows.data_ptr<int64_t>() : nullptr;
+  p.errors = queries.has_value() ? device_error_record(video_memory.get_device()) : nullptr;
   p.num_queries = num_queries;
   p.k = static_cast<int>(k);
   p.out_values = values.data_ptr<float>();
