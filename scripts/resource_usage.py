@@ -177,15 +177,18 @@ def differences(old: Optional[dict], new: dict, limit: int = 20) -> List[str]:
 
 
 def summary(table: dict) -> str:
-    """The table as aligned text (the kernels' largest values over the archs), for the log."""
+    """The table as aligned text, one column per field with its values per arch ('a/b'), for the log."""
+    archs = table["archs"]
     rows = []
     for name, per_arch in table["kernels"].items():
-        values = list(zip(*per_arch.values()))
-        rows.append((name, *[max(v) for v in values]))
-    width = min(100, max(len(r[0]) for r in rows))
-    head = f"{'kernel':<{width}} {'regs':>5} {'static smem':>11} {'stack':>6} {'local':>6}"
-    body = [f"{r[0][:width]:<{width}} {r[1]:>5} {r[2]:>11} {r[3]:>6} {r[4]:>6}" for r in rows]
-    return "\n".join([head] + body)
+        cells = ["/".join(str(per_arch[a][i]) if a in per_arch else "-" for a in archs)
+                 for i in range(len(FIELDS))]
+        rows.append((name, *cells))
+    head = ("kernel", *(f"{field} ({'/'.join(archs)})" for field in FIELDS))
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    lines = [head[0].ljust(widths[0]) + "".join(f" {h:>{w}}" for h, w in zip(head[1:], widths[1:]))]
+    lines += [r[0].ljust(widths[0]) + "".join(f" {c:>{w}}" for c, w in zip(r[1:], widths[1:])) for r in rows]
+    return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
