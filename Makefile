@@ -11,7 +11,8 @@ CACHE_DIR ?= $(HOME)/.cache/avidfast
 CUDA_VENV ?= $(CACHE_DIR)/cuda-venv
 CUDA_BUILD ?= $(CACHE_DIR)/cuda-build
 CUDA_HOME ?= /usr/local/cuda
-CUDA_ARCHS ?= 8.0;9.0+PTX
+DEFAULT_CUDA_ARCHS := 8.0;9.0+PTX
+CUDA_ARCHS ?= $(DEFAULT_CUDA_ARCHS)
 CMAKE_BUILD ?= .cmake-build
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
@@ -29,7 +30,7 @@ help:
 	@echo "make gpu-check    on a machine with an NVIDIA GPU: build with CUDA, CUDA tests, GPU benchmarks, report"
 	@echo "make bench        the pytest-benchmark suites in benchmarks/"
 	@echo "make media        fetch the real test clips into $(CACHE_DIR)/media (the tests skip without them)"
-	@echo "make cuda-check   compile every .cu against $(CUDA_TORCH_SPEC) (venv: $(CUDA_VENV))"
+	@echo "make cuda-check   compile every .cu against $(CUDA_TORCH_SPEC) (venv: $(CUDA_VENV)), check the kernels' resource table"
 	@echo "make cmake-check  configure and build the operator library with CMake"
 
 $(BIN)/.torch-ready:
@@ -86,7 +87,11 @@ $(CUDA_VENV)/.torch-ready:
 	touch $@
 
 # Builds outside the checkout (so the CPU build in build/ is untouched), then checks that the
-# library loads, registers CUDA kernels and runs a CPU op.
+# library loads, registers CUDA kernels and runs a CPU op; last, the kernels' resource table
+# (registers, static shared memory: scripts/resource_usage.py, cuobjdump) is regenerated and
+# compared with the committed csrc/ops/cuda/resource_usage.json, which tests/test_launch_plan.py
+# reads: when they differ the new table is written in its place and the check fails (commit
+# it). Archs other than the default are not compared (their table goes to $(CUDA_BUILD)).
 cuda-check: $(CUDA_VENV)/.torch-ready
 	AVIDFAST_CUDA=1 CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=$(MAX_JOBS) \
 	  $(CUDA_VENV)/bin/python setup.py -q build_ext --build-temp $(CUDA_BUILD)/temp --build-lib $(CUDA_BUILD)/lib
@@ -95,6 +100,11 @@ cuda-check: $(CUDA_VENV)/.torch-ready
 	  assert ops.has_cuda_kernels(), 'no CUDA kernels registered'; \
 	  ops.sample_negatives(torch.arange(4), 100, 8, 0, 0); \
 	  print('cuda-check: every .cu compiled with nvcc for', '$(CUDA_ARCHS)', 'against torch', torch.__version__)"
+	if [ "$(CUDA_ARCHS)" = "$(DEFAULT_CUDA_ARCHS)" ]; then \
+	  CUDA_HOME=$(CUDA_HOME) $(CUDA_VENV)/bin/python scripts/resource_usage.py --check $(CUDA_BUILD)/lib/avidfast/_C*.so; \
+	else \
+	  CUDA_HOME=$(CUDA_HOME) $(CUDA_VENV)/bin/python scripts/resource_usage.py --table $(CUDA_BUILD)/resource_usage.json $(CUDA_BUILD)/lib/avidfast/_C*.so; \
+	fi
 
 cmake-check: venv
 	cmake -S . -B $(CMAKE_BUILD) -DPython3_EXECUTABLE=$(abspath $(BIN)/python) -DCMAKE_BUILD_TYPE=Release

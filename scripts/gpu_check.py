@@ -7,7 +7,7 @@ Run from a fresh clone (no network needed):
 
 Without a GPU (``nvidia-smi -L`` lists none, or ``torch.cuda.is_available()`` is False in
 --python) it prints one line and exits 0. With one, it runs these steps in order, each in
-subprocesses with its own timeout (together they fit --budget-seconds, 8 minutes by default on
+subprocesses with its own timeout (together they fit --budget-seconds, 10 minutes by default on
 one H100/H200), records each one's status, seconds and the figure tables the commands print,
 and carries on after a failure:
 
@@ -16,6 +16,11 @@ and carries on after a failure:
                import check from outside the checkout: avidfast._C must carry the CUDA kernels
   cuda-tests   python -m pytest -q -m cuda on the test files marked cuda, run from a folder
                outside the checkout so that the installed package is what is tested
+  sanitizer    scripts/sanitizer_cases.py (small cases of every kernel and launch path) under
+               compute-sanitizer's memcheck, racecheck, synccheck and initcheck; skipped when
+               compute-sanitizer is not found ($CUDA_HOME/bin or PATH)
+  sync-checks  benchmarks/gpu_value_checks.py: the Cross-AVID loss step with the value checks on
+               the device (the default) and on the host (AVIDFAST_SYNC_CHECKS=1), ms per step
   bench-ops    avidfast bench ops --device cuda (memory-bank operators vs the reference formulation)
   cma-topk     benchmarks/gpu_cma_topk.py at AudioSet's N = 1,784,108 (TF32 and bf16 banks)
   loader       avidfast synthetic + prepare --transcode h264 --extract-audio wav + bench loader with
@@ -26,8 +31,8 @@ and carries on after a failure:
                (stopped by SIGTERM, which checkpoints); passes when the mean loss of the last 20%
                of the logged steps is below that of the first 20%
 
-Timeouts at the default budget (seconds): build 140, cuda-tests 50, bench-ops 30, cma-topk 85,
-loader 50, bench-train 35, avid-run 90: 480 in all. Time an earlier step leaves unused goes to
+Timeouts at the default budget (seconds): build 140, cuda-tests 75, sanitizer 60, sync-checks
+20, bench-ops 30, cma-topk 85, loader 50, bench-train 35, avid-run 90: 585 in all (budget 600). Time an earlier step leaves unused goes to
 the build (up to 240), the loader (up to 100) and the AVID run (up to 220: 180 s of training),
 never into another step's share; --budget-seconds scales them all.
 
@@ -57,7 +62,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REPORT = "gpu-report.md"
-DEFAULT_BUDGET = 480.0
+DEFAULT_BUDGET = 600.0
 PASSED, FAILED, SKIPPED = "passed", "FAILED", "skipped"
 TAIL_LINES = 40
 MAX_BLOCK_LINES = 200
@@ -705,6 +710,38 @@ def step_cuda_tests(ctx: Context, timeout: float) -> StepResult:
     return step
 
 
+SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
+
+
+def find_compute_sanitizer(env: Dict[str, str]) -> Optional[str]:
+    """compute-sanitizer in $CUDA_HOME/bin (or /usr/local/cuda/bin), else on PATH."""
+    home = _cuda_home(env)
+    if home and os.access(os.path.join(home, "bin", "compute-sanitizer"), os.X_OK):
+        return os.path.join(home, "bin", "compute-sanitizer")
+    return shutil.which("compute-sanitizer", path=env.get("PATH", os.defpath))
+
+
+def step_sanitizer(ctx: Context, timeout: float) -> StepResult:
+    title = "compute-sanitizer: memcheck, racecheck, synccheck, initcheck"
+    sanitizer = find_compute_sanitizer(ctx.env)
+    if sanitizer is None:
+        return StepResult("sanitizer", title, SKIPPED, reason="compute-sanitizer not found ($CUDA_HOME/bin, PATH)")
+    env = dict(ctx.env)
+    env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"  # an access past a tensor is past its allocation
+    script = str(REPO / "scripts" / "sanitizer_cases.py")
+    commands = [[sanitizer, "--tool", tool, "--error-exitcode", "1", ctx.python, script] for tool in SANITIZER_TOOLS]
+    step = run_step("sanitizer", commands, timeout, cwd=ctx.work, env=env, title=title)
+    step.notes.append("scripts/sanitizer_cases.py: every launch path of every kernel on small shapes, and a bad "
+                      "index recorded on the device; PYTORCH_NO_CUDA_MEMORY_CACHING=1")
+    return step
+
+
+def step_sync_checks(ctx: Context, timeout: float) -> StepResult:
+    argv = [ctx.python, str(REPO / "benchmarks" / "gpu_value_checks.py")]
+    return run_step("sync-checks", argv, timeout, cwd=ctx.work, env=ctx.env,
+                    title="Value checks on the device vs on the host: `benchmarks/gpu_value_checks.py`")
+
+
 def step_bench_ops(ctx: Context, timeout: float) -> StepResult:
     argv = ctx.avidfast("bench", "ops", "--device", "cuda", "--rounds", "20", "--warmup", "5",
                         "--json", str(ctx.work / "bench-ops.json"))
@@ -897,7 +934,11 @@ def step_avid_run(ctx: Context, timeout: float) -> StepResult:
 STEPS: List[Step] = [
     Step("build", "Build with the CUDA kernels", 140, step_build, needs=("pip", "setuptools"),
          needs_avidfast=False, extend_to=240),
-    Step("cuda-tests", "CUDA tests (installed package)", 50, step_cuda_tests, needs=("pytest", "numpy")),
+    Step("cuda-tests", "CUDA tests (installed package)", 75, step_cuda_tests, needs=("pytest", "numpy")),
+    Step("sanitizer", "compute-sanitizer: memcheck, racecheck, synccheck, initcheck", 60, step_sanitizer,
+         needs=()),
+    Step("sync-checks", "Value checks on the device vs on the host: `benchmarks/gpu_value_checks.py`", 20,
+         step_sync_checks),
     Step("bench-ops", "Memory-bank operators: `avidfast bench ops --device cuda`", 30, step_bench_ops),
     Step("cma-topk", "CMA positive mining at AudioSet's N: `benchmarks/gpu_cma_topk.py`", 85, step_cma_topk),
     Step("loader", "Data pipeline: DALI on the GPU vs our CPU pipeline and the reference-shaped loader", 50,

@@ -337,3 +337,20 @@ def test_opcheck():
         torch.ops.avidfast.cma_topk.default,
         (video, audio, 5, "union", torch.tensor([3, 9], device=DEV), "high"),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# AudioSet scale (issue 20)
+
+
+def test_audioset_scale_bf16_few_queries():
+    # N = 1,784,108 items (AudioSet), bf16 banks, k = 32, a few queries (the items split across
+    # every SM, the splits merged): against the CPU kernel and the true agreements.
+    num_items, dim, k = 1_784_108, 128, 32
+    video, audio = (torch.nn.functional.normalize(torch.randn(num_items, dim, device=DEV), dim=1)
+                    .to(torch.bfloat16) for _ in range(2))
+    queries = torch.tensor([0, 1, 917_000, num_items - 1], device=DEV)
+    for mode in ("consensus", "union"):
+        values, indices = cma_topk(video, audio, k, mode, queries)
+        _assert_close_to_cpu(video, audio, k, mode, queries, values, indices, REDUCED_TOL,
+                             same_positions=False)

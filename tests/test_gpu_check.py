@@ -110,9 +110,10 @@ def test_help_lists_options_with_defaults(tmp_path):
     for option in ("--report", "--python", "--skip", "--budget-seconds", "--no-build"):
         assert option in text
     assert "default: gpu-report.md" in text
-    assert "default: 480" in text
+    assert "default: 600" in text
     assert f"default: {sys.executable}" in text
-    for step in ("build", "cuda-tests", "bench-ops", "cma-topk", "loader", "bench-train", "avid-run"):
+    for step in ("build", "cuda-tests", "sanitizer", "sync-checks", "bench-ops", "cma-topk", "loader",
+                 "bench-train", "avid-run"):
         assert step in text
     assert os.listdir(tmp_path) == []
 
@@ -311,9 +312,9 @@ def test_report_is_replaced_atomically(gpu_check, tmp_path, monkeypatch):
 
 
 def test_steps_fit_the_default_budget_in_the_issue_order(gpu_check):
-    assert gpu_check.STEP_NAMES == ["build", "cuda-tests", "bench-ops", "cma-topk", "loader", "bench-train",
-                                    "avid-run"]
-    assert sum(step.timeout for step in gpu_check.STEPS) <= gpu_check.DEFAULT_BUDGET == 480
+    assert gpu_check.STEP_NAMES == ["build", "cuda-tests", "sanitizer", "sync-checks", "bench-ops", "cma-topk",
+                                    "loader", "bench-train", "avid-run"]
+    assert sum(step.timeout for step in gpu_check.STEPS) <= gpu_check.DEFAULT_BUDGET == 600
     assert all(step.timeout > 0 for step in gpu_check.STEPS)
 
 
@@ -365,7 +366,7 @@ def test_run_checks_skips_fails_and_carries_on(gpu_check, tmp_path):
     assert "bug in a step" in results[2].reason
     assert results[3].reason == "--skip skipped"
     first, last = seen["timeouts"]
-    assert first == pytest.approx(100 * 500 / 480)
+    assert first == pytest.approx(100 * 500 / gpu_check.DEFAULT_BUDGET)
     assert last > 200  # the skipped steps' time went to the extendable last step
     assert progress[0] == (0, ["first", "dali", "broken", "skipped", "last"])
     assert progress[-1] == (5, [])
@@ -446,3 +447,27 @@ def test_big_buck_bunny_lookup(gpu_check, tmp_path):
     clips.mkdir()
     (clips / "manifest.csv").write_text("path\nclip_00.mp4\n")
     assert gpu_check.find_bbb(env)[0] == clips / "manifest.csv"
+
+
+def test_sanitizer_step_skips_without_compute_sanitizer(gpu_check, tmp_path):
+    ctx = _fake_context(gpu_check, tmp_path, {})
+    ctx.env = dict(ctx.env, PATH=str(tmp_path / "bin"), CUDA_HOME=str(tmp_path / "no-cuda"))
+    result = gpu_check.step_sanitizer(ctx, 60)
+    assert result.status == gpu_check.SKIPPED
+    assert result.reason.startswith("compute-sanitizer not found")
+
+
+def test_sanitizer_step_runs_every_tool_on_the_cases(gpu_check, tmp_path):
+    home = tmp_path / "cuda"
+    (home / "bin").mkdir(parents=True)
+    tool = home / "bin" / "compute-sanitizer"
+    tool.write_text('#!/bin/sh\necho "sanitizer $2 ${PYTORCH_NO_CUDA_MEMORY_CACHING}: $6"\n')
+    tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
+    ctx = _fake_context(gpu_check, tmp_path, {})
+    ctx.env = dict(ctx.env, CUDA_HOME=str(home))
+    result = gpu_check.step_sanitizer(ctx, 60)
+    assert result.status == gpu_check.PASSED, result.reason
+    assert [c.argv[2] for c in result.commands] == ["memcheck", "racecheck", "synccheck", "initcheck"]
+    assert all(c.argv[3:5] == ["--error-exitcode", "1"] for c in result.commands)
+    assert all(c.stdout.strip().endswith("scripts/sanitizer_cases.py") for c in result.commands)
+    assert "sanitizer memcheck 1:" in result.commands[0].stdout

@@ -354,6 +354,16 @@ def test_memory_update_empty_batch():
 
 
 def test_bad_indices_raise_value_error_on_cuda():
+    # The synchronous checks (AVIDFAST_SYNC_CHECKS=1): ValueError at the call itself.
+    from avidfast import _C
+    _C._set_value_checks(0)
+    try:
+        _bad_indices_raise()
+    finally:
+        _C._set_value_checks(-1)
+
+
+def _bad_indices_raise():
     memory = unit_rows(20, 16).to(DEV)
     x = unit_rows(3, 16).to(DEV)
     bad = torch.tensor([[0, 20], [1, 2], [3, 4]], device=DEV)
@@ -406,3 +416,293 @@ def test_unchecked_bad_indices_never_read_out_of_bounds():
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 20: what reading the code cannot show. Shared-memory boundaries of the launch plans
+# (tests/test_launch_plan.py checks the plans on the CPU; these launch them), the multi-tile scan
+# of memory_update_, the rest of the dtype matrix, device and stream handling, large shapes, the
+# device-side value checks and the absence of host syncs.
+
+
+def _nce_case(x_dtype, memory_dtype, dim, positives, negatives, batch=3, num_items=300):
+    memory = unit_rows(num_items, dim, memory_dtype)
+    x = unit_rows(batch, dim, x_dtype)
+    pos = torch.randint(0, num_items, (batch, positives))
+    neg = torch.randint(0, num_items, (batch, negatives))
+    weights = torch.rand(batch, dtype=torch.float64 if x_dtype == torch.float64 else torch.float32)
+    got, expected, grad, grad_ref = _nce_both(x, memory, pos, neg, 1.7, 1.7, weights)
+    tol = 1e-10 if x_dtype == torch.float64 else 1e-4
+    _close(got, expected, tol)
+    _close(grad, grad_ref, _grad_tol(x_dtype, tol))
+
+
+@pytest.mark.parametrize("dim", [1536, 2048, 3072, 4096, 6144])
+@pytest.mark.parametrize("terms", [2, 5, 17, 20, 25, 4097])
+def test_nce_shared_memory_boundary_float32(dim, terms):
+    # x and the warps' accumulators fill the 48 KiB next to the kernel's static warp_loss here.
+    _nce_case(torch.float32, torch.float32, dim, 1, terms - 1)
+
+
+@pytest.mark.parametrize("dim", [1024, 2048, 3072])
+@pytest.mark.parametrize("terms", [2, 5, 17, 20, 25, 4097])
+def test_nce_shared_memory_boundary_float64(dim, terms):
+    _nce_case(torch.float64, torch.float64, dim, 1, terms - 1)
+
+
+@pytest.mark.parametrize("memory_dtype, dims", [
+    (torch.float32, [11768, 11769, 12288, 12289]),
+    (torch.bfloat16, [11769, 12288]),
+    (torch.float64, [5880, 5881, 6144]),
+])
+def test_memory_update_shared_memory_boundary(memory_dtype, dims):
+    # A row of D row_t beside the kernel's 2080 (2112 for float64) static bytes.
+    for dim in dims:
+        memory = unit_rows(20, dim, memory_dtype)
+        idx = torch.tensor([3, 7, 3, 19, 0])
+        x = torch.randn(5, dim)
+        expected = memory.clone()
+        memory_update_(expected, idx, x, 0.6)
+        got = memory.to(DEV)
+        memory_update_(got, idx.to(DEV), x.to(DEV), 0.6)
+        _close(got, expected, 1e-12 if memory_dtype == torch.float64 else 8e-3)
+
+
+@pytest.mark.parametrize("batch", [1025, 3000, 4096, 4097])
+def test_memory_update_duplicates_across_scan_tiles(batch):
+    # D = 128: 128 threads, scan tiles of 1024 batch rows; 4097 takes the sort path. Index 5
+    # repeats at both sides of every tile boundary, index 6 at the first and last row.
+    num_items, dim = 10_000, 128
+    memory = unit_rows(num_items, dim)
+    idx = torch.randperm(num_items)[:batch]
+    idx[(idx == 5) | (idx == 6)] = 9999
+    for position in (0, 1023, 1024, 2047, 2048, 3071, 3072, batch - 1):
+        if position < batch:
+            idx[position] = 5
+    idx[1] = 6
+    idx[batch - 2] = 6
+    x = torch.randn(batch, dim)
+    expected = memory.clone()
+    memory_update_(expected, idx, x, 0.3)
+    got = memory.to(DEV)
+    memory_update_(got, idx.to(DEV), x.to(DEV), 0.3)
+    _close(got, expected, 2e-6)
+
+
+DTYPE_MATRIX = [
+    # x dtype, memory dtype: the pairs FLOAT_CASES leaves out
+    (torch.float16, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.float16, torch.bfloat16),
+    (torch.float64, torch.float32),
+    (torch.float64, torch.bfloat16),
+    (torch.float64, torch.float16),
+]
+
+
+@pytest.mark.parametrize("x_dtype, memory_dtype", DTYPE_MATRIX)
+@pytest.mark.parametrize("words", [1, 2, 4, 8])
+def test_rows_kernel_dtype_matrix_and_vector_widths(x_dtype, memory_dtype, words):
+    # D = words * 32 lanes * (16 bytes / element size): each lane holds `words` 16-byte words.
+    dim = words * 32 * (16 // memory_dtype.itemsize)
+    tol = 1e-10 if x_dtype == torch.float64 and memory_dtype == torch.float64 else 2e-4
+    num_items, batch = 400, 4
+    memory = unit_rows(num_items, dim, memory_dtype)
+    x = unit_rows(batch, dim, x_dtype)
+    idx = torch.randint(0, num_items, (batch, 37))
+    weights = torch.randn(batch, 37, dtype=torch.float64 if x_dtype == torch.float64 else torch.float32)
+    x_cpu = x.clone().requires_grad_()
+    expected = memory_scores(x_cpu, memory, idx, TEMPERATURE)
+    expected.backward(weights)
+    x_dev = x.to(DEV).requires_grad_()
+    got = memory_scores(x_dev, memory.to(DEV), idx.to(DEV), TEMPERATURE)
+    got.backward(weights.to(DEV))
+    _close(got, expected, tol)
+    _close(x_dev.grad, x_cpu.grad, _grad_tol(x_dtype, tol) if x_dtype != torch.float16 else 2e-3)
+    _nce_case(x_dtype, memory_dtype, dim, 2, 35)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_inputs_on_the_second_device_while_the_first_is_current():
+    dev1 = torch.device("cuda:1")
+    num_items, dim, batch = 500, 128, 6
+    memory = unit_rows(num_items, dim)
+    x = unit_rows(batch, dim)
+    pos = torch.randint(0, num_items, (batch,))
+    with torch.cuda.device(0):
+        neg = sample_negatives(pos.to(dev1), num_items, 50, 3, torch.tensor(4, device=dev1))
+        assert neg.device == dev1
+        assert torch.equal(neg.cpu(), sample_negatives(pos, num_items, 50, 3, 4))
+        loss = nce_memory_loss(x.to(dev1), memory.to(dev1), pos.to(dev1), neg, 0.1,
+                               torch.tensor(1.5, device=dev1), reduction="none")
+        _close(loss, nce_memory_loss(x, memory, pos, neg.cpu(), 0.1, 1.5, reduction="none"), 1e-5)
+        scores = memory_scores(x.to(dev1), memory.to(dev1), neg, 0.1)
+        _close(scores, memory_scores(x, memory, neg.cpu(), 0.1), 1e-5)
+        bank = memory.to(dev1)
+        memory_update_(bank, pos.to(dev1), x.to(dev1), 0.5)
+        expected = memory.clone()
+        memory_update_(expected, pos, x, 0.5)
+        _close(bank, expected, 1e-6)
+        assert torch.cuda.current_device() == 0
+    torch.cuda.synchronize(dev1)
+
+
+def test_launches_follow_the_current_stream():
+    # Every kernel must run on the current stream: work queued behind a long kernel on a side
+    # stream must see the inputs written there, and the results must be complete once that
+    # stream is synchronised.
+    num_items, dim, batch = 2000, 128, 64
+    memory = unit_rows(num_items, dim)
+    x = unit_rows(batch, dim)
+    pos = torch.randint(0, num_items, (batch,))
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        big = torch.randn(4096, 4096, device=DEV)
+        for _ in range(4):
+            big = big @ big  # keeps the side stream busy
+        memory_dev, x_dev, pos_dev = memory.to(DEV), x.to(DEV), pos.to(DEV)
+        neg = sample_negatives(pos_dev, num_items, 300, 1, torch.tensor(2, device=DEV))
+        loss = nce_memory_loss(x_dev, memory_dev, pos_dev, neg, 0.1, torch.tensor(1.2, device=DEV),
+                               reduction="none")
+        memory_update_(memory_dev, pos_dev, x_dev, 0.5)
+    side.synchronize()
+    neg_cpu = sample_negatives(pos, num_items, 300, 1, 2)
+    assert torch.equal(neg.cpu(), neg_cpu)
+    _close(loss, nce_memory_loss(x, memory, pos, neg_cpu, 0.1, 1.2, reduction="none"), 1e-5)
+    expected = memory.clone()
+    memory_update_(expected, pos, x, 0.5)
+    _close(memory_dev, expected, 1e-6)
+
+
+def test_sample_negatives_at_audioset_scale():
+    # B = 4096 rows, K = 16384 draws, N = 1,784,108 items, P = 32 exclusions: bit for bit.
+    batch, negatives, num_items, width = 4096, 16384, 1_784_108, 32
+    pos = torch.randint(0, num_items, (batch,))
+    exclude = _sorted_exclude(batch, width, num_items, pos)
+    expected = sample_negatives(pos, num_items, negatives, 12345, 2**33 + 1, exclude, row_offset=7)
+    got = sample_negatives(pos.to(DEV), num_items, negatives, 12345, torch.tensor(2**33 + 1, device=DEV),
+                           exclude.to(DEV), row_offset=7)
+    assert torch.equal(got.cpu(), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Value checks on the device (csrc/ops/device_errors.h) and no host syncs in the hot path
+
+from avidfast import _C  # noqa: E402
+from avidfast.ops import check_errors  # noqa: E402
+
+CHECK_MODES = {"host": 0, "device": 1, "off": 2}
+
+
+@pytest.fixture
+def value_checks():
+    """Sets the value-check mode of CUDA tensors for one test (then back to the environment's)."""
+    check_errors()  # nothing pending from an earlier test
+    yield lambda mode: _C._set_value_checks(CHECK_MODES[mode])
+    _C._set_value_checks(-1)
+    torch.cuda.synchronize()
+    try:
+        check_errors()
+    except ValueError:
+        pass
+
+
+def _loss_step(memory, x, index, z, step):
+    """One loss step on device tensors: negatives, NCE loss and gradient, bank update."""
+    neg = sample_negatives(index, memory.shape[0], 64, 0, step)
+    loss, grad = torch.ops.avidfast.nce_memory_loss(x, memory, index[:, None], neg, 0.07, z)
+    memory_update_(memory, index, x, 0.5)
+    return loss, grad
+
+
+def test_no_host_sync_in_the_step(value_checks):
+    value_checks("device")
+    memory = unit_rows(1000, 128).to(DEV)
+    x = unit_rows(32, 128).to(DEV)
+    index = torch.randperm(1000, device=DEV)[:32]
+    z, step = torch.tensor(1.3, device=DEV, dtype=torch.float64), torch.tensor(5, device=DEV)
+    _loss_step(memory, x, index, z, step)  # allocations and first-use work outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _loss_step(memory, x, index, z, step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    # The synchronous checks (AVIDFAST_SYNC_CHECKS=1) do sync: the debug mode sees them.
+    value_checks("host")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError):
+            _loss_step(memory, x, index, z, step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_the_step_captures_into_a_cuda_graph(value_checks):
+    value_checks("device")
+    memory = unit_rows(1000, 128).to(DEV)
+    x = unit_rows(32, 128).to(DEV)
+    index = torch.randperm(1000, device=DEV)[:32]
+    z, step = torch.tensor(1.3, device=DEV, dtype=torch.float64), torch.tensor(5, device=DEV)
+    eager_memory = memory.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _loss_step(memory.clone(), x, index, z, step)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss, grad = _loss_step(memory, x, index, z, step)
+    graph.replay()
+    eager_loss, eager_grad = _loss_step(eager_memory, x, index, z, step)
+    torch.cuda.synchronize()
+    assert torch.equal(loss, eager_loss) and torch.equal(grad, eager_grad)
+    assert torch.equal(memory, eager_memory)
+
+
+def test_bad_values_are_reported_at_the_next_call(value_checks):
+    value_checks("device")
+    memory = unit_rows(20, 16).to(DEV)
+    x = unit_rows(3, 16).to(DEV)
+    good = torch.tensor([[0, 1], [1, 2], [3, 4]], device=DEV)
+    bad = torch.tensor([[0, 20], [1, 2], [3, 4]], device=DEV)
+    loss = nce_memory_loss(x, memory, good, bad, 0.1, torch.tensor(1.0, device=DEV), reduction="none")
+    assert torch.isnan(loss).cpu().tolist() == [True, False, False]  # the row was skipped
+    with pytest.raises(ValueError, match=r"nce_memory_loss: neg_idx must lie in \[0, 20\).*holds 20"):
+        check_errors()
+    check_errors()  # reported once
+    # Without check_errors(): the next avidfast call raises (once the kernel has written).
+    memory_update_(memory, torch.tensor([0, 5, 20], device=DEV), x, 0.5)
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match=r"memory_update_: idx must lie in \[0, 20\).*holds 20"):
+        memory_scores(x, memory, good, 0.1)
+    cases = [
+        (lambda: memory_scores(x, memory, -bad, 0.1), r"memory_scores: idx must lie in \[0, 20\)"),
+        (lambda: nce_memory_loss(x, memory, bad, good, 0.1, torch.tensor(1.0, device=DEV)),
+         r"nce_memory_loss: pos_idx .*holds 20"),
+        (lambda: nce_memory_loss(x, memory, good, good, 0.1, torch.tensor(-2.0, device=DEV)),
+         r"Z \(the partition estimate\) must be positive and finite, got -2"),
+        (lambda: sample_negatives(torch.tensor([0, 20], device=DEV), 20, 3, 0, 0), r"pos must lie in \[0, 20\)"),
+        (lambda: sample_negatives(torch.tensor([0, 1], device=DEV), 20, 3, 0, torch.tensor(-4, device=DEV)),
+         r"step must be >= 0, got -4"),
+        (lambda: sample_negatives(torch.tensor([0, 1], device=DEV), 20, 3, 0, 0,
+                                  torch.tensor([[5, 2], [1, 3]], device=DEV)), r"row 0 is not"),
+        (lambda: sample_negatives(torch.tensor([0, 1], device=DEV), 20, 3, 0, 0,
+                                  torch.tensor([[2, 25], [1, 3]], device=DEV)), r"exclude must lie in \[0, 20\)"),
+    ]
+    for call, message in cases:
+        call()
+        with pytest.raises(ValueError, match=message):
+            check_errors()
+
+
+def test_bad_values_raise_at_the_call_with_sync_checks(value_checks):
+    value_checks("host")
+    memory = unit_rows(20, 16).to(DEV)
+    x = unit_rows(3, 16).to(DEV)
+    bad = torch.tensor([[0, 20], [1, 2], [3, 4]], device=DEV)
+    with pytest.raises(ValueError, match=r"holds values in \[0, 20\]"):
+        memory_scores(x, memory, bad, 0.1)
+    with pytest.raises(ValueError, match="Z"):
+        nce_memory_loss(x, memory, bad.clamp(max=19), bad.clamp(max=19), 0.1, torch.tensor(0.0, device=DEV))
+    check_errors()  # nothing was recorded on the device

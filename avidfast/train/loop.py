@@ -33,6 +33,7 @@ from avidfast.checkpoints.build import build_criterion, build_model, load_refere
 from avidfast.config import Config
 from avidfast.distributed import init_from_env
 from avidfast.errors import TrainingError
+from avidfast.ops import check_errors
 from avidfast.train.metrics import MetricsSink
 from avidfast.train.run_folder import (TRAIN_RESULTS, check_writable_folder, held_results, replace_stale_logs,
                                        setup_logging, write_run_files)
@@ -440,6 +441,7 @@ def _train_epoch(run: _Run, epoch: int, skip_batches: int, tally: _Tally, stop: 
         data_wait = time.perf_counter()
     if bar is not None:
         bar.close()
+    check_errors()  # what the CUDA kernels recorded in the epoch's last step (one sync per epoch)
     if tally.steps == applied_before and batches_done > skip_batches:
         raise TrainingError(f"no step of epoch {epoch + 1} was finite ({batches_done - skip_batches} skipped), so its "
                             f"checkpoint was not written; {run.kept_words()}; try a lower optim.lr or "
@@ -467,6 +469,7 @@ def _non_finite_step(run: _Run, result, epoch: int, batches_done: int, tally: _T
     """A step TrainStep did not apply (NaN / inf): TrainingError (train.non_finite=stop, or too many
     skipped in a row), or a warning and the count (skip). The same decision on every rank."""
     cfg = run.cfg
+    check_errors()  # a bad index or Z the CUDA kernels recorded names itself (ValueError) before the NaN does
     where = (f"{result.problem} at step {int(run.criterion.step) + 1} (epoch {epoch + 1}, batch {batches_done}"
              + (f"; reported by rank {run.rank})" if run.world > 1 else ")"))
     if cfg.train.non_finite == "stop":

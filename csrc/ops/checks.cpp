@@ -4,24 +4,37 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <string>
+
+#include "ops/device_errors.h"
 
 namespace avidfast {
 
-bool device_value_checks_enabled() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("AVIDFAST_CHECK_INDICES");
-    return value == nullptr || std::strcmp(value, "0") != 0;
-  }();
-  return enabled;
-}
-
 namespace {
 
+// A device tensor, or a CPU tensor under the test hook set_treat_cpu_as_device.
+bool on_device(const at::Tensor& t) { return !t.is_cpu() || treat_cpu_as_device(); }
+
+// Whether the value checks of t run here, on the host (ops/device_errors.h: CPU tensors always;
+// CUDA tensors with AVIDFAST_SYNC_CHECKS=1). Otherwise the kernel checks them (or nobody).
 bool value_checks_apply(const at::Tensor& t) {
-  return !t.is_cuda() || device_value_checks_enabled();
+  return !on_device(t) || cuda_value_checks() == ValueChecks::kHost;
+}
+
+// A call on device tensors first raises what an earlier call's kernels recorded (no sync).
+void raise_earlier_errors(const at::Tensor& t) {
+  if (on_device(t)) raise_device_errors(/*synchronize=*/false);
+}
+
+// t on the host: a device-to-host copy and a stream sync for a device tensor (counted).
+at::Tensor read_on_host(const at::Tensor& t) {
+  if (on_device(t)) count_host_read();
+  return t.cpu();
+}
+
+template <typename T>
+T read_scalar(const at::Tensor& t) {
+  return read_on_host(t).item<T>();
 }
 
 bool is_supported_float(at::ScalarType t) {
@@ -33,7 +46,8 @@ bool is_supported_float(at::ScalarType t) {
 void check_range(const at::Tensor& t, const char* name, int64_t num_items, const char* what) {
   if (t.numel() == 0 || !value_checks_apply(t)) return;
   auto [lo, hi] = at::aminmax(t);
-  const int64_t low = lo.item<int64_t>(), high = hi.item<int64_t>();
+  const at::Tensor both = read_on_host(at::stack({lo, hi}));  // one read for both
+  const int64_t low = both[0].item<int64_t>(), high = both[1].item<int64_t>();
   TORCH_CHECK_VALUE(low >= 0 && high < num_items, name, " must lie in [0, ", num_items, ")", what,
                     ", but holds values in [", low, ", ", high, "]");
 }
@@ -87,6 +101,7 @@ void check_temperature(double temperature) {
 void check_sample_negatives(const at::Tensor& pos, int64_t num_items, int64_t num_negatives,
                             const at::Tensor& step, int64_t row_offset,
                             const c10::optional<at::Tensor>& exclude) {
+  raise_earlier_errors(pos);
   TORCH_CHECK_VALUE(pos.scalar_type() == at::kLong && pos.dim() == 1,
                     "pos must be a 1-D int64 tensor of the rows' own indices, got ",
                     pos.scalar_type(), " of shape ", pos.sizes());
@@ -98,7 +113,8 @@ void check_sample_negatives(const at::Tensor& pos, int64_t num_items, int64_t nu
   TORCH_CHECK_VALUE(step.is_cpu() || step.device() == pos.device(), "step is on ", step.device(),
                     " but pos is on ", pos.device());
   if (value_checks_apply(step)) {
-    TORCH_CHECK_VALUE(step.item<int64_t>() >= 0, "step must be >= 0, got ", step.item<int64_t>());
+    const int64_t value = read_scalar<int64_t>(step);
+    TORCH_CHECK_VALUE(value >= 0, "step must be >= 0, got ", value);
   }
   int64_t excluded = 0;
   if (exclude.has_value()) {
@@ -113,10 +129,8 @@ void check_sample_negatives(const at::Tensor& pos, int64_t num_items, int64_t nu
     excluded = ex.size(1);
     check_range(ex, "exclude", num_items, "");
     if (ex.numel() > 0 && ex.size(1) > 1 && value_checks_apply(ex)) {
-      const bool sorted = ex.narrow(1, 1, ex.size(1) - 1)
-                              .ge(ex.narrow(1, 0, ex.size(1) - 1))
-                              .all()
-                              .item<bool>();
+      const bool sorted = read_scalar<bool>(
+          ex.narrow(1, 1, ex.size(1) - 1).ge(ex.narrow(1, 0, ex.size(1) - 1)).all());
       TORCH_CHECK_VALUE(sorted, "every row of exclude must be sorted in ascending order "
                                 "(use torch.sort(exclude, dim=1).values)");
     }
@@ -130,6 +144,7 @@ void check_sample_negatives(const at::Tensor& pos, int64_t num_items, int64_t nu
 
 void check_memory_scores(const at::Tensor& x, const at::Tensor& memory, const at::Tensor& idx,
                          double temperature) {
+  raise_earlier_errors(memory);
   check_memory(memory);
   check_embeddings(x, "x", memory);
   check_indices(idx, "idx", 2, x.size(0), memory);
@@ -138,6 +153,7 @@ void check_memory_scores(const at::Tensor& x, const at::Tensor& memory, const at
 
 void check_memory_scores_backward(const at::Tensor& grad_scores, const at::Tensor& memory,
                                   const at::Tensor& idx, double temperature) {
+  raise_earlier_errors(memory);
   check_memory(memory);
   TORCH_CHECK_VALUE(grad_scores.dim() == 2 && is_supported_float(grad_scores.scalar_type()),
                     "grad_scores must be a 2-D floating tensor, got ", grad_scores.scalar_type(),
@@ -153,6 +169,7 @@ void check_memory_scores_backward(const at::Tensor& grad_scores, const at::Tenso
 void check_nce_memory_loss(const at::Tensor& x, const at::Tensor& memory, const at::Tensor& pos_idx,
                            const at::Tensor& neg_idx, double temperature,
                            const at::Tensor& partition) {
+  raise_earlier_errors(memory);
   check_memory(memory);
   check_embeddings(x, "x", memory);
   check_indices(pos_idx, "pos_idx", 2, x.size(0), memory);
@@ -165,7 +182,7 @@ void check_nce_memory_loss(const at::Tensor& x, const at::Tensor& memory, const 
   TORCH_CHECK_VALUE(partition.is_cpu() || partition.device() == memory.device(), "Z is on ",
                     partition.device(), " but memory is on ", memory.device());
   if (value_checks_apply(partition)) {
-    const double z = partition.item<double>();
+    const double z = read_scalar<double>(partition);
     TORCH_CHECK_VALUE(std::isfinite(z) && z > 0, "Z (the partition estimate) must be positive "
                       "and finite, got ", z);
   }
@@ -173,6 +190,7 @@ void check_nce_memory_loss(const at::Tensor& x, const at::Tensor& memory, const 
 
 void check_memory_update(const at::Tensor& memory, const at::Tensor& idx, const at::Tensor& x,
                          double momentum) {
+  raise_earlier_errors(memory);
   check_memory(memory);
   check_embeddings(x, "x", memory);
   check_indices(idx, "idx", 1, x.size(0), memory);
@@ -183,6 +201,7 @@ void check_memory_update(const at::Tensor& memory, const at::Tensor& idx, const 
 Agreement check_cma_topk(const at::Tensor& video_memory, const at::Tensor& audio_memory, int64_t k,
                          c10::string_view mode, const c10::optional<at::Tensor>& queries,
                          c10::string_view precision) {
+  raise_earlier_errors(video_memory);
   check_memory(video_memory);
   TORCH_CHECK_VALUE(audio_memory.sizes() == video_memory.sizes(), "audio_memory has shape ",
                     audio_memory.sizes(), " but video_memory has shape ", video_memory.sizes());

@@ -10,10 +10,11 @@
 
 namespace avidfast {
 
-// Whether value checks that need a device-to-host copy (index ranges, sortedness, Z) run on CUDA
-// tensors. On by default; AVIDFAST_CHECK_INDICES=0 turns them off (CPU tensors are always
-// checked). The CUDA kernels bound-check every row they read either way.
-bool device_value_checks_enabled();
+// The value checks (index ranges, the order of `exclude`, step >= 0, Z > 0) run on the host for
+// CPU tensors. For CUDA tensors they run in the kernels by default (reported at a later call,
+// no host sync), on the host with AVIDFAST_SYNC_CHECKS=1, not at all with
+// AVIDFAST_CHECK_INDICES=0: ops/device_errors.h. The CUDA kernels bound-check every row they read
+// either way.
 
 void check_memory(const at::Tensor& memory);
 void check_embeddings(const at::Tensor& x, const char* name, const at::Tensor& memory);

@@ -29,16 +29,9 @@ namespace avidfast {
 namespace gpu {
 namespace cma {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / kWarp;
-constexpr int kBlockQueries = 128;  // queries per CTA (BQ)
-constexpr int kTileItems = 128;     // items per tile (BN)
-constexpr int kChunkBytes = 64;     // bytes of every row per stage
-constexpr int kRowPitch = 80;       // shared-memory pitch of a stage row
-constexpr int kStageRows = kBlockQueries + kTileItems;
-constexpr int kStageBytes = kStageRows * kRowPitch;
-constexpr int kStages = 4;          // cp.async pipeline depth
-constexpr int kMaxCandidates = 32;  // candidate buffer per query (one per lane of a merge)
+// The CTA shape and stage layout (kThreads, kWarps, kBlockQueries, kTileItems, kChunkBytes,
+// kRowPitch, kStageRows, kStageBytes, kStages, kMaxCandidates) are defined in ops/launch_plan.h,
+// which the host-side planner shares.
 
 static_assert(kThreads == 256 && kBlockQueries == 128 && kTileItems == 128,
               "the warp layout (2 x 4 warps of 64 x 32) and the loader assume these sizes");

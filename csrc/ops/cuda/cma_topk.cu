@@ -55,6 +55,7 @@
 #include "ops/agreement.h"
 #include "ops/checks.h"
 #include "ops/cuda/cma_tiles.cuh"
+#include "ops/cuda/device_errors.cuh"
 #include "ops/cuda/host.cuh"
 
 namespace avidfast {
@@ -65,7 +66,6 @@ using gpu::kFullMask;
 using gpu::kWarp;
 using gpu::cma::kBlockQueries;
 using gpu::cma::kChunkBytes;
-using gpu::cma::kMaxCandidates;
 using gpu::cma::kRowPitch;
 using gpu::cma::kStageBytes;
 using gpu::cma::kStages;
@@ -75,9 +75,6 @@ using gpu::cma::kWarps;
 using gpu::cma::Math;
 
 constexpr int64_t kMaxItems = static_cast<int64_t>(INT_MAX) - 2 * kTileItems;
-// Bytes of shared memory besides the stages, the candidate buffers and the lists: per query the
-// threshold (value, index), the buffer's count and the query's row.
-constexpr int64_t kQueryStateBytes = kBlockQueries * 4 * 4;
 // Caps on the workspaces (the split partial lists, the global lists).
 constexpr int64_t kMaxWorkspaceBytes = int64_t{1} << 30;
 
@@ -91,6 +88,7 @@ struct Params {
   bool vec;           // 16-byte cp.async loads (aligned banks, rows a multiple of 16 bytes)
   const int64_t* queries;  // (Q,) rows, or null for rows 0..N-1
   int64_t num_queries;
+  DeviceError* errors;  // the device's value-check record, or null (ops/device_errors.h)
   int k;
   int capacity;  // candidate buffer entries per query (<= 32)
   bool lists_on_chip;
@@ -256,7 +254,11 @@ __global__ void __launch_bounds__(kThreads, 1) cma_topk_kernel(const Params p) {
       int row = -1;
       if (qg < p.num_queries) {
         const int64_t r = p.queries != nullptr ? p.queries[qg] : qg;
-        if (r >= 0 && r < p.num_items) row = static_cast<int>(r);
+        if (r >= 0 && r < p.num_items) {
+          row = static_cast<int>(r);
+        } else {
+          gpu::report_error(p.errors, DeviceCheck::kCmaQueries, r, p.num_items);
+        }
       }
       s.row[i] = row;
       s.threshold_value[i] = row >= 0 ? -INFINITY : INFINITY;
@@ -445,33 +447,23 @@ void launch(Params p, int device, cudaStream_t stream, const at::TensorOptions& 
   C10_CUDA_CHECK(
       cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const int sms = gpu::multiprocessor_count(device);
+  const int64_t static_shared =
+      gpu::static_shared_bytes(reinterpret_cast<const void*>(kernel), device);
 
-  // Shared memory: stages, query state, candidate buffers, and the lists when they fit.
-  const int64_t base = static_cast<int64_t>(kStages) * kStageBytes + kQueryStateBytes;
-  const int64_t list_bytes = static_cast<int64_t>(kBlockQueries) * p.k * 8;
-  // First choice: lists on chip with 32-entry buffers, then 16-entry buffers; else the lists in
-  // global memory (with 32-entry buffers, or 16 on devices with ~100 KiB per block).
-  int64_t smem = 0;
-  bool planned = false;
-  for (const bool on_chip : {true, false}) {
-    for (const int capacity : {kMaxCandidates, kMaxCandidates / 2}) {
-      const int64_t bytes = base + static_cast<int64_t>(kBlockQueries) * capacity * 8 +
-                            (on_chip ? list_bytes : 0);
-      if (!planned && bytes <= max_optin) {
-        p.capacity = capacity;
-        p.lists_on_chip = on_chip;
-        smem = bytes;
-        planned = true;
-      }
-    }
-  }
-  TORCH_CHECK(planned, "cma_topk: the device offers ", max_optin,
+  // Shared memory: stages, query state, candidate buffers, and the lists when they fit
+  // (ops/launch_plan.h), within what the kernel can opt in to beside its static shared memory.
+  const gpu::cma::SharedPlan shared = gpu::cma::plan_shared(p.k, max_optin, static_shared);
+  TORCH_CHECK(shared.ok, "cma_topk: the device offers ", max_optin,
               " bytes of shared memory per block, the kernel needs at least ",
-              base + kBlockQueries * (kMaxCandidates / 2) * 8);
-  // The device's maximum (not this call's size): idempotent, so concurrent calls with other k
+              shared.needed + static_shared);
+  p.capacity = shared.capacity;
+  p.lists_on_chip = shared.lists_on_chip;
+  const int64_t smem = shared.smem;
+  const int64_t list_bytes = static_cast<int64_t>(kBlockQueries) * p.k * 8;
+  // The device's limit (not this call's size): idempotent, so concurrent calls with other k
   // cannot lower it under each other's launch.
-  C10_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_optin));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(shared.dynamic_limit)));
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
                                                                static_cast<size_t>(smem)));
@@ -587,6 +579,7 @@ std::tuple<at::Tensor, at::Tensor> cma_topk_cuda(const at::Tensor& video_memory,
   auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   p.vec = p.row_bytes % 16 == 0 && aligned(p.banks[0]) && aligned(p.banks[1]);
   p.queries = queries.has_value() ? query_rows.data_ptr<int64_t>() : nullptr;
+  p.errors = queries.has_value() ? device_error_record(video_memory.get_device()) : nullptr;
   p.num_queries = num_queries;
   p.k = static_cast<int>(k);
   p.out_values = values.data_ptr<float>();

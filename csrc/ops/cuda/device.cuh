@@ -8,10 +8,11 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "ops/launch_plan.h"
+
 namespace avidfast {
 namespace gpu {
 
-constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 template <typename T>

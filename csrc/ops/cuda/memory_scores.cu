@@ -29,9 +29,13 @@ struct ScoresPolicy {
   const int64_t* idx;  // (B, M)
   int64_t count;       // M
   acc_t inv_t;
-  acc_t* out;  // (B, M)
+  acc_t* out;            // (B, M)
+  DeviceError* errors;   // the device's value-check record, or null (ops/device_errors.h)
 
   __device__ void prepare() {}
+  __device__ void invalid(int64_t, int64_t row, int64_t num_items) const {
+    gpu::report_error(errors, DeviceCheck::kScoresIdx, row, num_items);
+  }
   __device__ Item fetch(int64_t b, int64_t j) const { return Item{idx[b * count + j]}; }
   __device__ acc_t weight(int64_t b, int64_t j, const Item&, bool valid, acc_t dot, acc_t&,
                           int lane) const {
@@ -54,8 +58,12 @@ struct ScoresBackwardPolicy {
   gpu::FloatKind grad_kind;
   int64_t count;  // M
   acc_t inv_t;
+  DeviceError* errors;  // the device's value-check record, or null (ops/device_errors.h)
 
   __device__ void prepare() {}
+  __device__ void invalid(int64_t, int64_t row, int64_t num_items) const {
+    gpu::report_error(errors, DeviceCheck::kScoresBackwardIdx, row, num_items);
+  }
   __device__ Item fetch(int64_t b, int64_t j) const {
     const int64_t i = b * count + j;
     return Item{idx[i], gpu::load_float<acc_t>(grad, grad_kind, i) * inv_t};
@@ -69,6 +77,7 @@ at::Tensor memory_scores_cuda(const at::Tensor& x, const at::Tensor& memory, con
                               double temperature) {
   check_memory_scores(x, memory, idx, temperature);
   c10::cuda::CUDAGuard guard(memory.device());
+  DeviceError* const errors = device_error_record(memory.get_device());
   const int64_t batch = x.size(0), dim = x.size(1), count = idx.size(1);
   const auto x_c = x.contiguous();
   const auto idx_c = idx.contiguous();
@@ -80,11 +89,11 @@ at::Tensor memory_scores_cuda(const at::Tensor& x, const at::Tensor& memory, con
     static_assert(std::is_same_v<acc_t, accumulate_t<x_t>>);
     using Policy = ScoresPolicy<acc_t>;
     const gpu::RowsPlan plan = gpu::plan_rows<acc_t, mem_t, Policy>(
-        batch, count, dim, memory.data_ptr(), memory.get_device());
+        "memory_scores", batch, count, dim, memory.data_ptr(), memory.get_device());
     at::Tensor x_staged;
     if (plan.global) x_staged = x_c.to(acc_dtype).contiguous();
     Policy policy{idx_c.data_ptr<int64_t>(), count, static_cast<acc_t>(1.0 / temperature),
-                  scores.data_ptr<acc_t>()};
+                  scores.data_ptr<acc_t>(), errors};
     gpu::launch_rows<acc_t, mem_t>(
         plan, policy, memory.data_ptr<mem_t>(), memory.size(0), dim, batch, x_c.data_ptr(),
         gpu::float_kind(x.scalar_type()),
@@ -99,6 +108,7 @@ at::Tensor memory_scores_backward_cuda(const at::Tensor& grad_scores, const at::
                                        const at::Tensor& idx, double temperature) {
   check_memory_scores_backward(grad_scores, memory, idx, temperature);
   c10::cuda::CUDAGuard guard(memory.device());
+  DeviceError* const errors = device_error_record(memory.get_device());
   const int64_t batch = idx.size(0), count = idx.size(1), dim = memory.size(1);
   const auto grad_c = grad_scores.contiguous();
   const auto idx_c = idx.contiguous();
@@ -112,14 +122,14 @@ at::Tensor memory_scores_backward_cuda(const at::Tensor& grad_scores, const at::
     static_assert(std::is_same_v<acc_t, accumulate_t<x_t>>);
     using Policy = ScoresBackwardPolicy<acc_t>;
     const gpu::RowsPlan plan = gpu::plan_rows<acc_t, mem_t, Policy>(
-        batch, count, dim, memory.data_ptr(), memory.get_device());
+        "memory_scores_backward", batch, count, dim, memory.data_ptr(), memory.get_device());
     // One split writes grad_x directly; several write (B, S, D) partials summed in split order.
     at::Tensor partial = plan.splits == 1 ? grad_x : at::empty({batch, plan.splits, dim}, acc_options);
     at::Tensor workspace;
     if (plan.global) workspace = at::empty({batch * plan.splits * plan.warps * dim}, acc_options);
     Policy policy{idx_c.data_ptr<int64_t>(), grad_c.data_ptr(),
                   gpu::float_kind(grad_scores.scalar_type()), count,
-                  static_cast<acc_t>(1.0 / temperature)};
+                  static_cast<acc_t>(1.0 / temperature), errors};
     gpu::launch_rows<acc_t, mem_t>(
         plan, policy, memory.data_ptr<mem_t>(), memory.size(0), dim, batch, nullptr,
         gpu::FloatKind::kFloat, static_cast<const acc_t*>(nullptr),

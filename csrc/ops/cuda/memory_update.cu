@@ -5,10 +5,11 @@
 // repeated indices give the CPU kernel's defined, deterministic result, and no two blocks touch
 // the same memory row.
 //
-// Finding the first occurrence: for B <= kScanBatch, block b scans idx[0..b) (and idx(b..B) for
-// the later occurrences) in tiles; beyond that the scan is quadratic, so idx is stably sorted
-// first (at::sort) and block p owns sorted position p when it starts a run of equal indices.
-// Indices outside [0, num_items) are skipped.
+// Finding the first occurrence: for B <= kUpdateScanBatch (ops/launch_plan.h), block b scans
+// idx[0..b) (and idx(b..B) for the later occurrences) in tiles; beyond that the scan is
+// quadratic, so idx is stably sorted first (at::sort) and block p owns sorted position p when it
+// starts a run of equal indices.
+// Indices outside [0, num_items) are skipped (and recorded: ops/device_errors.h).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -21,6 +22,7 @@
 
 #include "ops/checks.h"
 #include "ops/cuda/device.cuh"
+#include "ops/cuda/device_errors.cuh"
 #include "ops/cuda/host.cuh"
 #include "ops/dispatch.h"
 #include "ops/momentum_update.h"
@@ -28,9 +30,9 @@
 namespace avidfast {
 namespace {
 
-constexpr int kMaxThreads = 256;
-constexpr int kScanPerThread = 8;  // idx entries each thread checks per scan tile
-constexpr int64_t kScanBatch = 4096;
+// Block size, scan tile and sort threshold: ops/launch_plan.h (plan_memory_update).
+constexpr int kMaxThreads = gpu::kUpdateMaxThreads;
+constexpr int kScanPerThread = gpu::kUpdateScanPerThread;
 
 // Grid (B), block a multiple of 32 threads. Thread t owns row elements t, t + blockDim, ...
 // `row` is dynamic shared memory, or `workspace` + blockIdx.x * dim when D is too large for it.
@@ -41,7 +43,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                          const int64_t* __restrict__ idx, const int64_t* __restrict__ sorted,
                          const int64_t* __restrict__ order, const x_t* __restrict__ x,
                          int64_t batch, double momentum,
-                         accumulate_t<mem_t>* __restrict__ workspace) {
+                         accumulate_t<mem_t>* __restrict__ workspace, DeviceError* errors) {
   using row_t = accumulate_t<mem_t>;
   __shared__ row_t warp_sums[kMaxThreads / gpu::kWarp];
   __shared__ unsigned char flags[kMaxThreads * kScanPerThread];
@@ -59,7 +61,10 @@ __global__ void __launch_bounds__(kMaxThreads)
   } else {
     key = idx[p];
   }
-  if (key < 0 || key >= num_items) return;
+  if (key < 0 || key >= num_items) {
+    if (tid == 0) gpu::report_error(errors, DeviceCheck::kUpdateIdx, key, num_items);
+    return;
+  }
   if (order == nullptr) {
     // Return unless p is the first batch row holding key.
     for (int64_t t0 = 0; t0 < p; t0 += tile) {
@@ -120,33 +125,42 @@ void memory_update_cuda(const at::Tensor& memory, const at::Tensor& idx, const a
                         double momentum) {
   check_memory_update(memory, idx, x, momentum);
   c10::cuda::CUDAGuard guard(memory.device());
+  DeviceError* const errors = device_error_record(memory.get_device());
   const int64_t batch = x.size(0), dim = x.size(1);
   if (batch == 0) return;
   const auto x_c = x.contiguous();
   const auto idx_c = idx.contiguous();
-  at::Tensor sorted, order;
-  if (batch > kScanBatch) {
-    std::tie(sorted, order) = at::sort(idx_c, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  }
-  const int threads = static_cast<int>(
-      std::min<int64_t>(kMaxThreads, gpu::ceil_div(dim, gpu::kWarp) * gpu::kWarp));
+  const int device = memory.get_device();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AVF_DISPATCH_X_AND_MEMORY(x.scalar_type(), memory.scalar_type(), "memory_update_cuda", [&] {
     static_assert(std::is_same_v<acc_t, accumulate_t<x_t>>);
     using row_t = accumulate_t<mem_t>;
-    const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(row_t));
-    at::Tensor workspace;
-    size_t smem = 0;
-    if (row_bytes > gpu::kMaxSharedBytes) {
-      workspace = at::empty({batch, dim}, memory.options().dtype(c10::CppTypeToScalarType<row_t>::value));
-    } else {
-      smem = static_cast<size_t>(row_bytes);
+    const auto kernel = memory_update_kernel<x_t, mem_t>;
+    const int64_t static_shared =
+        gpu::static_shared_bytes(reinterpret_cast<const void*>(kernel), device);
+    const gpu::UpdatePlan plan =
+        gpu::plan_memory_update(batch, dim, static_cast<int>(sizeof(row_t)), static_shared);
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, plan.threads,
+                                                                 static_cast<size_t>(plan.smem)));
+    TORCH_CHECK(per_sm > 0, "memory_update_: the planned CUDA launch cannot run (", plan.threads,
+                " threads, ", plan.smem, " bytes of dynamic and ", static_shared,
+                " of static shared memory per block, D = ", dim, "); please report this as a bug");
+    TORCH_CHECK(batch <= gpu::kMaxGridX, "memory_update_: at most ", gpu::kMaxGridX,
+                " rows per call on CUDA, got ", batch);
+    at::Tensor sorted, order, workspace;
+    if (plan.sorted) {
+      std::tie(sorted, order) = at::sort(idx_c, /*stable=*/true, /*dim=*/0, /*descending=*/false);
     }
-    memory_update_kernel<x_t, mem_t><<<static_cast<unsigned>(batch), threads, smem, stream>>>(
+    if (plan.workspace) {
+      workspace = at::empty({batch, dim},
+                            memory.options().dtype(c10::CppTypeToScalarType<row_t>::value));
+    }
+    kernel<<<static_cast<unsigned>(batch), plan.threads, static_cast<size_t>(plan.smem), stream>>>(
         memory.data_ptr<mem_t>(), memory.size(0), dim, idx_c.data_ptr<int64_t>(),
         sorted.defined() ? sorted.data_ptr<int64_t>() : nullptr,
         order.defined() ? order.data_ptr<int64_t>() : nullptr, x_c.data_ptr<x_t>(), batch,
-        momentum, workspace.defined() ? workspace.data_ptr<row_t>() : nullptr);
+        momentum, workspace.defined() ? workspace.data_ptr<row_t>() : nullptr, errors);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

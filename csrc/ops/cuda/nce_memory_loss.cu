@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cfloat>
 #include <tuple>
 #include <type_traits>
 
@@ -34,11 +35,21 @@ struct NcePolicy {
   acc_t inv_t, positive_scale;
   const double* z_device;  // Z on the device (float64), or null: use z_host
   double z_host;
-  acc_t log_kz;  // set by prepare()
+  DeviceError* errors;  // the device's value-check record, or null (ops/device_errors.h)
+  acc_t log_kz;         // set by prepare()
 
   __device__ void prepare() {
     const double z = z_device != nullptr ? *z_device : z_host;
     log_kz = log_(static_cast<acc_t>(negatives) * static_cast<acc_t>(z));
+    // A device Z was not checked on the host: one thread of the grid checks it here.
+    if (z_device != nullptr && !(z > 0.0 && z <= DBL_MAX) && threadIdx.x == 0 &&
+        blockIdx.x == 0 && blockIdx.y == 0) {
+      gpu::report_error(errors, DeviceCheck::kNcePartition, __double_as_longlong(z), 0);
+    }
+  }
+  __device__ void invalid(int64_t j, int64_t row, int64_t num_items) const {
+    gpu::report_error(errors, j < positives ? DeviceCheck::kNcePosIdx : DeviceCheck::kNceNegIdx,
+                      row, num_items);
   }
   // Terms 0..P-1 are the positives, P..P+K-1 the negatives (the CPU kernel's order).
   __device__ Item fetch(int64_t b, int64_t j) const {
@@ -73,6 +84,7 @@ std::tuple<at::Tensor, at::Tensor> nce_memory_loss_cuda(const at::Tensor& x,
                                                          const at::Tensor& partition) {
   check_nce_memory_loss(x, memory, pos_idx, neg_idx, temperature, partition);
   c10::cuda::CUDAGuard guard(memory.device());
+  DeviceError* const errors = device_error_record(memory.get_device());
   const int64_t batch = x.size(0), dim = x.size(1);
   const int64_t positives = pos_idx.size(1), negatives = neg_idx.size(1);
   const auto x_c = x.contiguous();
@@ -84,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> nce_memory_loss_cuda(const at::Tensor& x,
   auto grad = at::empty({batch, dim}, out_options);
   if (batch == 0) return {loss, grad};
 
-  // Z: a CPU scalar is read here; a device one is read by the kernel (no host sync).
+  // Z: a CPU scalar is read here; a device one is read (and checked) by the kernel (no host sync).
   at::Tensor z_device;
   double z_host = 0.0;
   if (partition.is_cuda()) {
@@ -98,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> nce_memory_loss_cuda(const at::Tensor& x,
     static_assert(std::is_same_v<acc_t, accumulate_t<x_t>>);
     using Policy = NcePolicy<acc_t>;
     const gpu::RowsPlan plan = gpu::plan_rows<acc_t, mem_t, Policy>(
-        batch, terms, dim, memory.data_ptr(), memory.get_device());
+        "nce_memory_loss", batch, terms, dim, memory.data_ptr(), memory.get_device());
     // One split writes loss and grad directly; several write (B, S) and (B, S, D) partials
     // that are summed in split order.
     at::Tensor partial_loss = loss, partial_grad = grad;
@@ -120,6 +132,7 @@ std::tuple<at::Tensor, at::Tensor> nce_memory_loss_cuda(const at::Tensor& x,
     policy.positive_scale = acc_t(1) / static_cast<acc_t>(positives);
     policy.z_device = z_device.defined() ? z_device.data_ptr<double>() : nullptr;
     policy.z_host = z_host;
+    policy.errors = errors;
     policy.log_kz = acc_t(0);
     gpu::launch_rows<acc_t, mem_t>(
         plan, policy, memory.data_ptr<mem_t>(), memory.size(0), dim, batch, x_c.data_ptr(),

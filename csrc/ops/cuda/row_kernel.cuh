@@ -14,7 +14,8 @@
 // result is deterministic for a given device and shape.
 //
 // Rows whose index is outside [0, num_items) are never read: the Policy gets valid = false and
-// makes the score / loss NaN, and they add nothing to any accumulator.
+// makes the score / loss NaN, they add nothing to any accumulator, and the Policy records the
+// index (invalid(): the device-side value check of ops/device_errors.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -25,12 +26,10 @@
 #include <cstdint>
 
 #include "ops/cuda/device.cuh"
+#include "ops/cuda/device_errors.cuh"
 
 namespace avidfast {
 namespace gpu {
-
-// Warps per block of the rows kernel (fewer when D is large, so that shared memory fits).
-constexpr int kMaxWarps = 8;
 
 // Floating dtypes read through a type-erased pointer (x, grad_scores): the heavy kernels are
 // templated on the accumulation and memory types only, not on x's dtype as well.
@@ -71,9 +70,8 @@ __device__ __forceinline__ acc_t load_float(const void* p, FloatKind kind, int64
 //   __device__ Item fetch(int64_t b, int64_t j) const;       // term j of batch row b
 //   __device__ acc_t weight(int64_t b, int64_t j, const Item&, bool valid, acc_t dot,
 //                           acc_t& loss, int lane) const;    // coefficient of the row in the sum
-
-// Rows in flight per warp for a given number of 16-byte words per lane (0: scalar fallback).
-constexpr int rows_in_flight(int vec) { return vec == 0 ? 4 : (vec >= 4 ? 1 : 4 / vec); }
+//   __device__ void invalid(int64_t j, int64_t row, int64_t num_items) const;
+//                                                            // records an index out of range
 
 // The kernels and their launchers have internal linkage: every .cu gets its own instantiations
 // (none is shared between translation units).
@@ -89,20 +87,25 @@ __device__ __forceinline__ void fetch_group(const Policy& policy, int64_t b, int
 }
 
 // The coefficient of each row of the group in the warp's accumulator: the Policy's weight of
-// every live term (which also adds the term's loss), 0 for a row that is not valid.
+// every live term (which also adds the term's loss), 0 for a row that is not valid (whose index
+// lane 0 records).
 template <int kRows, typename acc_t, typename Policy>
 __device__ __forceinline__ void group_weights(const Policy& policy, int64_t b, int64_t g,
                                               const typename Policy::Item (&cur)[kRows],
                                               const bool (&live)[kRows],
                                               const bool (&valid)[kRows],
                                               const acc_t (&dot)[kRows], acc_t& loss, int lane,
-                                              acc_t (&coef)[kRows]) {
+                                              int64_t num_items, acc_t (&coef)[kRows]) {
 #pragma unroll
   for (int u = 0; u < kRows; ++u) {
     coef[u] = 0;
     if (live[u]) {
       const acc_t weight = policy.weight(b, g + u, cur[u], valid[u], dot[u], loss, lane);
-      if (valid[u]) coef[u] = weight;
+      if (valid[u]) {
+        coef[u] = weight;
+      } else if (lane == 0) {
+        policy.invalid(g + u, cur[u].row, num_items);
+      }
     }
   }
 }
@@ -170,7 +173,7 @@ __device__ __forceinline__ acc_t accumulate_rows_vec(const Policy& policy, int64
       for (int u = 0; u < kRows; ++u) dot[u] = warp_sum(dot[u]);
     }
     acc_t coef[kRows];
-    group_weights<kRows>(policy, b, g, cur, live, valid, dot, loss, lane, coef);
+    group_weights<kRows>(policy, b, g, cur, live, valid, dot, loss, lane, num_items, coef);
     if constexpr (Policy::kAccumulate) {
 #pragma unroll
       for (int c = 0; c < kVec; ++c) {
@@ -239,7 +242,7 @@ __device__ __forceinline__ acc_t accumulate_rows_scalar(const Policy& policy, in
       for (int u = 0; u < kRows; ++u) dot[u] = warp_sum(dot[u]);
     }
     acc_t coef[kRows];
-    group_weights<kRows>(policy, b, g, cur, live, valid, dot, loss, lane, coef);
+    group_weights<kRows>(policy, b, g, cur, live, valid, dot, loss, lane, num_items, coef);
     if constexpr (Policy::kAccumulate) {
 #pragma unroll 2
       for (int64_t d = lane; d < dim; d += kWarp) {

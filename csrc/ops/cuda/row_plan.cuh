@@ -1,5 +1,6 @@
-// Launch planning of the rows kernel (row_kernel.cuh): the variant, block size, shared memory
-// and splits of one launch, and the launchers of rows_kernel and sum_splits_kernel.
+// Launch planning of the rows kernel (row_kernel.cuh) on a device: the pure planners of
+// ops/launch_plan.h fed with the kernel's static shared size, occupancy and SM count; and the
+// launchers of rows_kernel and sum_splits_kernel.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -14,15 +15,6 @@
 
 namespace avidfast {
 namespace gpu {
-
-struct RowsPlan {
-  int vec = 0;            // 16-byte words per lane per row (1, 2, 4, 8), or 0 for the fallback
-  int warps = 1;          // warps per block
-  int64_t splits = 1;     // blocks per batch row (gridDim.y)
-  int64_t per_split = 0;  // terms per block
-  size_t smem = 0;        // dynamic shared memory bytes
-  bool global = false;    // x staged and accumulators kept in global memory (very large D)
-};
 
 // Internal linkage, as the kernels' (row_kernel.cuh).
 namespace {
@@ -50,65 +42,58 @@ void with_rows_variant(int vec, F&& f) {
   }
 }
 
-// Resident blocks per SM of one rows_kernel variant.
+// Resident blocks per SM of one rows_kernel variant (0: the block cannot run at all).
 template <typename acc_t, typename mem_t, typename Policy>
-int rows_blocks_per_sm(int vec, int threads, size_t smem) {
+int rows_blocks_per_sm(int vec, int threads, int64_t smem) {
   int blocks = 0;
   with_rows_variant(vec, [&](auto variant) {
     constexpr int kVec = decltype(variant)::value;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &blocks, rows_kernel<kVec, acc_t, mem_t, Policy>, threads, smem));
+        &blocks, rows_kernel<kVec, acc_t, mem_t, Policy>, threads, static_cast<size_t>(smem)));
   });
-  return blocks > 0 ? blocks : 1;
+  return blocks;
 }
 
-// Picks the variant, block size, shared memory and splits. Splits: the B * S blocks should fill
-// the GPU's resident block slots (blocks per SM from the occupancy API, times the SM count) in
-// nearly whole waves (>= 90% of the slot-time used), so that few SMs idle at the end; each split
-// keeps at least 2 groups of rows per warp.
+// Static shared bytes of the rows kernel of this Policy: the largest of its variants (the NCE
+// policy's warp_loss; none for the others).
 template <typename acc_t, typename mem_t, typename Policy>
-RowsPlan plan_rows(int64_t batch, int64_t terms, int64_t dim, const void* memory_ptr, int device) {
-  RowsPlan plan;
-  constexpr int64_t V = kPackElems<mem_t>;
-  if (dim % V == 0 && reinterpret_cast<uintptr_t>(memory_ptr) % 16 == 0) {
-    const int64_t per_lane = ceil_div(dim / V, kWarp);
-    plan.vec = per_lane <= 1 ? 1 : per_lane <= 2 ? 2 : per_lane <= 4 ? 4 : per_lane <= 8 ? 8 : 0;
+int64_t rows_static_shared(int device) {
+  int64_t most = 0;
+  for (const int vec : {0, 1, 2, 4, 8}) {
+    with_rows_variant(vec, [&](auto variant) {
+      constexpr int kVec = decltype(variant)::value;
+      const auto kernel = rows_kernel<kVec, acc_t, mem_t, Policy>;
+      most = std::max(most, static_shared_bytes(reinterpret_cast<const void*>(kernel), device));
+    });
   }
-  auto bytes = [&](int warps) {
-    return ((Policy::kNeedsDot ? 1 : 0) + (Policy::kAccumulate ? warps : 0)) * dim *
-           static_cast<int64_t>(sizeof(acc_t));
-  };
-  int64_t rows = rows_in_flight(plan.vec);
-  plan.warps = static_cast<int>(std::min<int64_t>(kMaxWarps, ceil_div(terms, rows)));
-  while (plan.warps > 1 && bytes(plan.warps) > kMaxSharedBytes) plan.warps = (plan.warps + 1) / 2;
-  if (bytes(plan.warps) > kMaxSharedBytes) {
-    plan.global = true;
-    plan.vec = 0;
-    plan.smem = 0;
-    rows = rows_in_flight(0);
-  } else {
-    plan.smem = static_cast<size_t>(bytes(plan.warps));
-  }
+  return most;
+}
 
-  const int64_t sms = multiprocessor_count(device);
-  const int64_t slots =
-      rows_blocks_per_sm<acc_t, mem_t, Policy>(plan.vec, plan.warps * kWarp, plan.smem) * sms;
-  const int64_t min_per_split = static_cast<int64_t>(plan.warps) * rows * 2;
-  const int64_t max_splits = std::min<int64_t>(
-      {std::max<int64_t>(1, terms / min_per_split), 65535, std::max<int64_t>(1, ceil_div(4 * slots, batch))});
-  int64_t best = 1;
-  double best_use = 0.0;
-  for (int64_t splits = 1; splits <= max_splits; ++splits) {
-    const int64_t blocks = batch * splits;
-    const double use = static_cast<double>(blocks) / static_cast<double>(ceil_div(blocks, slots) * slots);
-    if (use > best_use + 1e-9) {
-      best = splits;
-      best_use = use;
-    }
-    if (best_use >= 0.9) break;
-  }
-  plan.per_split = ceil_div(terms, best);
-  plan.splits = ceil_div(terms, plan.per_split);  // no empty split
+// The launch plan (ops/launch_plan.h: plan_rows_shape, plan_rows_splits) with this device's
+// static shared size, occupancy and SM count. `op` names the operator in the error raised when
+// the planned block cannot run (occupancy 0).
+template <typename acc_t, typename mem_t, typename Policy>
+RowsPlan plan_rows(const char* op, int64_t batch, int64_t terms, int64_t dim,
+                   const void* memory_ptr, int device) {
+  RowsProblem problem;
+  problem.terms = terms;
+  problem.dim = dim;
+  problem.acc_bytes = static_cast<int>(sizeof(acc_t));
+  problem.mem_bytes = static_cast<int>(sizeof(mem_t));
+  problem.aligned = reinterpret_cast<uintptr_t>(memory_ptr) % 16 == 0;
+  problem.needs_dot = Policy::kNeedsDot;
+  problem.accumulate = Policy::kAccumulate;
+  const int64_t static_shared = rows_static_shared<acc_t, mem_t, Policy>(device);
+  RowsPlan plan = plan_rows_shape(problem, static_shared);
+  const int threads = plan.warps * kWarp;
+  const int per_sm = rows_blocks_per_sm<acc_t, mem_t, Policy>(plan.vec, threads, plan.smem);
+  TORCH_CHECK(per_sm > 0, op, ": the planned CUDA launch cannot run (", threads, " threads, ",
+              plan.smem, " bytes of dynamic and ", static_shared,
+              " of static shared memory per block, D = ", dim, ", ", terms,
+              " terms per row); please report this as a bug");
+  TORCH_CHECK(batch <= kMaxGridX, op, ": at most ", kMaxGridX, " rows per call on CUDA, got ",
+              batch);
+  plan_rows_splits(plan, batch, terms, static_cast<int64_t>(per_sm) * multiprocessor_count(device));
   return plan;
 }
 
@@ -121,7 +106,8 @@ void launch_rows(const RowsPlan& plan, const Policy& policy, const mem_t* memory
   const dim3 block(static_cast<unsigned>(plan.warps * kWarp));
   with_rows_variant(plan.vec, [&](auto variant) {
     constexpr int kVec = decltype(variant)::value;
-    rows_kernel<kVec, acc_t, mem_t, Policy><<<grid, block, plan.smem, stream>>>(
+    const auto smem = static_cast<size_t>(plan.smem);
+    rows_kernel<kVec, acc_t, mem_t, Policy><<<grid, block, smem, stream>>>(
         policy, memory, num_items, dim, x, x_kind, x_staged, acc_global, terms, plan.per_split,
         partial_grad, partial_loss);
   });
