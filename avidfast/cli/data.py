@@ -15,7 +15,7 @@ def _prepare(args: argparse.Namespace) -> None:
         summary = prepare(
             args.src, args.out, root=args.root, workers=args.workers, extract_audio=args.extract_audio,
             transcode=args.transcode, fps=args.fps, gop=args.gop, min_seconds=args.min_seconds,
-            check=args.check, progress=not args.quiet,
+            check=args.check, progress=not args.quiet, video_only=args.video_only,
             log=lambda note: print(f"avidfast: {note}", file=sys.stderr, flush=True),  # warnings even with --quiet
         )
     except OSError as error:
@@ -29,7 +29,8 @@ def _synthetic(args: argparse.Namespace) -> None:
     try:
         path = make_dataset(
             args.out, args.videos, args.classes, args.seconds, args.seed, size=args.size, fps=args.fps,
-            sample_rate=args.sample_rate, workers=args.workers or None, progress=not args.quiet,
+            sample_rate=args.sample_rate, silent_fraction=args.silent_fraction, workers=args.workers or None,
+            progress=not args.quiet,
         )
     except OSError as error:
         raise UserError(f"{error.filename or args.out}: {error.strerror or error}") from None
@@ -100,6 +101,9 @@ def register(commands) -> None:
     prep.add_argument("--check", choices=["header", "fast", "full"], default="fast",
                       help="how hard to probe: headers only; all packets + all audio + video start and last "
                            "second; or decode every frame")
+    prep.add_argument("--video-only", action="store_true",
+                      help="keep files without an audio stream (evaluation sets for the video-only protocols: "
+                           "eval linear / finetune); the manifest's has_audio column says which rows have sound")
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(handler=_prepare)
 
@@ -118,6 +122,8 @@ def register(commands) -> None:
     syn.add_argument("--size", type=frame_size, default=(128, 128), help="frame WIDTHxHEIGHT (even)")
     syn.add_argument("--fps", type=positive_int, default=16, help="frames per second")
     syn.add_argument("--sample-rate", type=positive_int, default=24000, help="audio sample rate, Hz")
+    syn.add_argument("--silent-fraction", type=non_negative_float, default=0.0,
+                     help="share of clips written without an audio stream (0..1), for video-only evaluation sets")
     syn.add_argument("--workers", type=non_negative_int, default=0, help="encoding processes (0: automatic)")
     syn.add_argument("--quiet", action="store_true", help="no progress bar")
     syn.set_defaults(handler=_synthetic)

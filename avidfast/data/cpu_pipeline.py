@@ -1,14 +1,25 @@
 """The CPU pipeline: a Dataset of audio-visual clips and a loader that counts bad samples.
 
 Every batch is a dict: ``video`` (B, 3, T, H, W) float32, ``audio`` (B, 1, F, T') float32
-log-spectrogram, ``index`` (B,) int64 memory slot (the manifest row), ``label`` (B,) int64 when
-the manifest has labels, and in evaluation mode ``clip`` (B,) int64 (clip number in its video).
+log-spectrogram (absent when the dataset reads video only: ``audio=False``), ``index`` (B,) int64
+memory slot (the manifest row), ``label`` (B,) int64 when the manifest has labels, and in
+evaluation mode ``clip`` (B,) int64 (clip number in its video).
 
-A file that fails to decode is logged with its path and reason and replaced by another video
-chosen deterministically from (seed, epoch, position); the loader counts replacements per epoch
-and stops with :class:`TooManyBadSamples` once they exceed ``max_bad_fraction`` of the epoch.
+Training mode: a file that fails to decode is logged with its path and reason and replaced by
+another video chosen deterministically from (seed, epoch, position); the loader counts
+replacements per epoch and stops with :class:`TooManyBadSamples` once they exceed
+``max_bad_fraction`` of the epoch. Evaluation mode never replaces a video (each test video is
+scored as itself or not at all): with ``on_bad="error"`` the loader stops with
+:class:`BadTestVideo` naming the file; with ``on_bad="exclude"`` the video's clips are left out
+of the batches and the video is listed in ``bad_files`` / ``bad_videos``.
+
+With ``pad_short`` (the evaluation protocols) a video shorter than a clip is not rejected: its
+frames are read from the start and repeated cyclically up to the clip's length, as the
+reference implementation pads its evaluation clips.
 """
+import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -17,7 +28,7 @@ import torch
 from avidfast.data import audio as audio_ops
 from avidfast.data import video as video_ops
 from avidfast.data.audio import AudioJitter, SpectrogramPreset, SpectrogramStats
-from avidfast.data.manifest import Manifest
+from avidfast.data.manifest import Manifest, ManifestError
 from avidfast.data.probe import probe_header
 from avidfast.data.sampling import ShardedEpochSampler, replacement_index, sample_generator
 from avidfast.data.video import VideoConfig
@@ -36,12 +47,19 @@ class SampleFailed(AvidfastError, RuntimeError):
     """Every replacement of one position failed too."""
 
 
+class BadTestVideo(AvidfastError, RuntimeError):
+    """A video of an evaluation set cannot be read (evaluation mode never replaces one)."""
+
+
+BAD_TEST_POLICIES = ("error", "exclude")
+
+
 @dataclass
 class LoadedClip:
     """One decoded example before collation."""
 
     video: torch.Tensor  # (3, T, H, W) float32
-    audio: torch.Tensor  # (1, F, T') float32
+    audio: Optional[torch.Tensor]  # (1, F, T') float32; None when the dataset reads video only
     index: int
     failures: List[Tuple[str, str]]  # (path, reason) of the files replaced to get here
 
@@ -54,6 +72,13 @@ class ClipDataset(torch.utils.data.Dataset):
     at the clip start. Randomness comes from (seed, epoch, position) only, so results do not
     depend on the number of workers. ``label`` is the position of a row's label in ``classes``
     (default: the manifest's own sorted labels; a test set passes its training set's).
+
+    ``audio=False``: video only (the evaluation protocols that use no sound): no audio is
+    decoded or probed, items have no ``audio`` key and files without an audio stream are fine.
+    ``pad_short``: a video shorter than a clip is read from its start and its frames repeated
+    cyclically up to ``video.frames`` (module docstring) instead of failing.
+    In evaluation mode a failing video is not replaced: its item has ``bad`` = True, zero
+    tensors and its (path, reason) in ``failures``; :class:`CPULoader` decides what follows.
     """
 
     def __init__(
@@ -69,10 +94,15 @@ class ClipDataset(torch.utils.data.Dataset):
         seed: int = 0,
         decode_threads: int = 1,
         classes: Optional[Sequence[str]] = None,
+        audio: bool = True,
+        pad_short: bool = False,
     ):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got '{mode}'")
+        if audio:
+            check_has_audio(manifest)
         self.manifest, self.video, self.mode, self.jitter = manifest, video, mode, jitter
+        self.read_audio, self.pad_short = audio, pad_short
         self.preset = audio_ops.get_preset(audio_preset) if isinstance(audio_preset, str) else audio_preset
         self.stats, self.clips_per_video, self.seed = stats, clips_per_video, seed
         self.decode_threads = decode_threads
@@ -84,6 +114,8 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: Tuple[int, int, int]) -> Dict[str, torch.Tensor]:
         epoch, position, index = key
+        if self.mode == "eval":
+            return self._eval_item(position, index)
         failures: List[Tuple[str, str]] = []
         for attempt in range(MAX_ATTEMPTS):
             try:
@@ -97,12 +129,32 @@ class ClipDataset(torch.utils.data.Dataset):
                 index = replacement_index(self.seed, epoch, position, attempt, len(self.manifest))
         else:
             raise SampleFailed(f"{MAX_ATTEMPTS} videos in a row failed at position {position}; last: {failures[-1]}")
-        item = {"video": clip.video, "audio": clip.audio, "index": torch.tensor(index)}
+        item = {"video": clip.video, "index": torch.tensor(index)}
+        if clip.audio is not None:
+            item["audio"] = clip.audio
         item["failures"] = "\n".join(f"{path}\t{reason}" for path, reason in failures)
         if self.labels is not None:
             item["label"] = torch.tensor(self.labels[index])
-        if self.mode == "eval":
-            item["clip"] = torch.tensor(position % self.clips_per_video)
+        return item
+
+    def _eval_item(self, position: int, index: int) -> Dict[str, torch.Tensor]:
+        """Clip ``position % clips_per_video`` of row ``index``, never another video: on failure an
+        item with ``bad`` = True, zero tensors of the right shapes and the reason in ``failures``."""
+        failure = ""
+        try:
+            clip = self.load(index, 0, position)
+            video, audio = clip.video, clip.audio
+        except Exception as error:  # noqa: BLE001 - reported by the loader with the file's path
+            failure = f"{self.manifest.path(index)}\t{type(error).__name__}: {error}"
+            log.debug("bad test video %s", failure)
+            video = torch.zeros(3, self.video.frames, self.video.crop, self.video.crop)
+            audio = torch.zeros(1, self.preset.bins, self.preset.frames) if self.read_audio else None
+        item = {"video": video, "index": torch.tensor(index), "clip": torch.tensor(position % self.clips_per_video),
+                "bad": torch.tensor(bool(failure)), "failures": failure}
+        if audio is not None:
+            item["audio"] = audio
+        if self.labels is not None:
+            item["label"] = torch.tensor(self.labels[index])
         return item
 
     def load(self, index: int, epoch: int, position: int, attempt: int = 0) -> LoadedClip:
@@ -110,39 +162,77 @@ class ClipDataset(torch.utils.data.Dataset):
         row = self.manifest.rows[index]
         path = self.manifest.path(index)
         duration, audio_duration = self._durations(index)
-        needed = max(self.video.seconds, self.jitter.duration[0])  # a clip, and the shortest audio window
+        # a clip, and (reading audio) the shortest audio window
+        needed = max(self.video.seconds, self.jitter.duration[0]) if self.read_audio else self.video.seconds
+        decoded = self.video
         if duration < needed:
-            raise ValueError(f"file is {duration:.2f} s, shorter than the {needed:.2f} s a clip needs")
+            if not (self.pad_short and not self.read_audio):
+                raise ValueError(f"file is {duration:.2f} s, shorter than the {needed:.2f} s a clip needs")
+            decoded = dataclasses.replace(self.video, frames=short_clip_frames(duration, self.video))
         if self.mode == "train":
             generator = sample_generator(self.seed, epoch, position, attempt)
-            start = video_ops.train_start(duration, self.video, generator)
+            start = video_ops.train_start(duration, decoded, generator)
             height, width = _frame_size(row, path)
             aug = video_ops.draw_augment(height, width, self.video, generator)
             size = (self.video.crop, self.video.crop)
-            frames = video_ops.decode_frames(path, start, self.video, crop=aug.crop, size=size, threads=self.decode_threads)
+            frames = video_ops.decode_frames(path, start, decoded, crop=aug.crop, size=size, threads=self.decode_threads)
             video = video_ops.train_transform(frames, aug, self.video)
-            window = audio_ops.train_window(start, self.jitter, generator, audio_duration)
         else:
-            start = video_ops.clip_starts(duration, self.video, self.clips_per_video)[position % self.clips_per_video]
+            start = video_ops.clip_starts(duration, decoded, self.clips_per_video)[position % self.clips_per_video]
             height, width = _frame_size(row, path)
             size = video_ops.eval_size(height, width, self.video.crop)
-            frames = video_ops.decode_frames(path, start, self.video, size=size, threads=self.decode_threads)
+            frames = video_ops.decode_frames(path, start, decoded, size=size, threads=self.decode_threads)
             video = video_ops.eval_transform(frames, self.video)
+        video = pad_frames_cyclically(video, self.video.frames)
+        if not self.read_audio:
+            return LoadedClip(video, None, index, [])
+        if self.mode == "train":
+            window = audio_ops.train_window(start, self.jitter, generator, audio_duration)
+        else:
             window = audio_ops.eval_window(start, self.preset, audio_duration)
         wave = audio_ops.decode_audio(self.manifest.audio_path(index), window.start, window.duration, self.preset.sample_rate)
         spec = audio_ops.log_spectrogram(wave, self.preset, gain=window.gain, stats=self.stats)
         return LoadedClip(video, spec.unsqueeze(0), index, [])
 
 
-    def _durations(self, index: int) -> Tuple[float, float]:
-        """(video, audio) durations in seconds: from the manifest, else probed once per worker."""
+    def _durations(self, index: int) -> Tuple[float, Optional[float]]:
+        """(video, audio) durations in seconds: from the manifest, else probed once per worker. Reading
+        video only, the audio is not looked at (its duration is None)."""
         row = self.manifest.rows[index]
-        if row.get("duration") and row.get("audio_duration"):
-            return float(row["duration"]), float(row["audio_duration"])
+        if row.get("duration") and (row.get("audio_duration") or not self.read_audio):
+            return float(row["duration"]), (float(row["audio_duration"]) if self.read_audio else None)
         if index not in self._probed:
             video = row.get("duration") or _stream_duration(self.manifest.path(index), "video")
-            self._probed[index] = (video, _stream_duration(self.manifest.audio_path(index), "audio"))
+            audio = _stream_duration(self.manifest.audio_path(index), "audio") if self.read_audio else None
+            self._probed[index] = (video, audio)
         return self._probed[index]
+
+
+def short_clip_frames(duration: float, config: VideoConfig) -> int:
+    """Frames at ``config.fps`` a video of ``duration`` seconds holds (at least 1): what a padded clip
+    reads before repeating them."""
+    return max(1, min(config.frames, int(math.floor(duration * config.fps + 1e-6))))
+
+
+def pad_frames_cyclically(video: torch.Tensor, frames: int) -> torch.Tensor:
+    """(C, T, H, W) with T <= ``frames`` -> (C, frames, H, W): frame t is input frame t mod T (the
+    reference's padding of short evaluation clips: the clip followed by its own start, repeated)."""
+    have = video.shape[1]
+    if have >= frames:
+        return video
+    return video[:, torch.arange(frames) % have]
+
+
+def check_has_audio(manifest: Manifest) -> None:
+    """ManifestError when rows of ``manifest`` are marked ``has_audio`` = 0 (``avidfast prepare
+    --video-only`` writes that column): a reader of audio cannot use them."""
+    if "has_audio" not in manifest.columns:
+        return
+    silent = [i for i, row in enumerate(manifest.rows) if str(row.get("has_audio")) in ("0", "False", "false")]
+    if silent:
+        raise ManifestError(f"{len(silent)} of {len(manifest)} rows have no audio stream (has_audio = 0, e.g. "
+                            f"{manifest.path(silent[0])}); this reader needs audio: use these files only for "
+                            "video-only evaluation, or prepare an audio-visual set without --video-only")
 
 
 def _stream_duration(path: str, kind: str) -> float:
@@ -198,6 +288,11 @@ class CPULoader:
     Iterating yields the batch contract (module docstring); ``bad_samples`` counts the
     replacements of the current epoch (each is logged with its path and reason) and
     ``bad_files`` lists their (path, reason).
+
+    Evaluation mode: ``on_bad`` says what a video that cannot be read does (``error``: raise
+    :class:`BadTestVideo` naming it; ``exclude``: its clips are dropped from the batches, the
+    video's row goes to ``bad_videos`` and (path, reason) to ``bad_files``). ``max_bad_fraction``
+    applies to training mode only.
     """
 
     def __init__(
@@ -212,7 +307,11 @@ class CPULoader:
         drop_last: bool = True,
         max_bad_fraction: float = 0.01,
         timeout: float = 600.0,
+        on_bad: str = "error",
     ):
+        if on_bad not in BAD_TEST_POLICIES:
+            raise ValueError(f"on_bad must be one of {BAD_TEST_POLICIES}, got '{on_bad}'")
+        self.on_bad = on_bad
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= max_bad_fraction <= 1:
@@ -234,6 +333,7 @@ class CPULoader:
         )
         self.bad_samples, self.seen = 0, 0
         self.bad_files: List[Tuple[str, str]] = []
+        self.bad_videos: List[int] = []
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Selects the epoch's order and augmentation (training mode); ``skip_batches`` resumes
@@ -247,6 +347,9 @@ class CPULoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        if self.sampler is None:
+            yield from self._eval_batches()
+            return
         self.bad_samples, self.seen, self.bad_files = 0, 0, []
         allowed = self.max_bad_fraction * len(self.loader.sampler)
         try:
@@ -268,6 +371,34 @@ class CPULoader:
                 yield batch
         except SampleFailed as error:
             raise SampleFailed(_worker_message(str(error), SampleFailed)) from None
+
+
+    def _eval_batches(self) -> Iterator[Dict[str, torch.Tensor]]:
+        """Evaluation batches without the clips of unreadable videos (or BadTestVideo, ``on_bad="error"``)."""
+        self.bad_samples, self.seen, self.bad_files, self.bad_videos = 0, 0, [], []
+        bad_videos = set()
+        for batch in self.loader:
+            failures = batch.pop("failures")
+            bad = batch.pop("bad")
+            self.seen += batch["index"].numel()
+            for row in bad.nonzero().flatten().tolist():
+                path, reason = failures[row].split("\t", 1)
+                if self.on_bad == "error":
+                    raise BadTestVideo(f"test video {path} cannot be read ({reason}); fix or remove it from the "
+                                       "test manifest, or leave it out of the score (listed in results.json) with "
+                                       "--set data.on_bad_test_video=exclude")
+                video = int(batch["index"][row])
+                if video not in bad_videos:
+                    bad_videos.add(video)
+                    self.bad_videos.append(video)
+                    self.bad_files.append((path, reason))
+                    log.warning("test video %s cannot be read (%s); excluded from the score", path, reason)
+                self.bad_samples += 1
+            keep = torch.tensor([int(i) not in bad_videos for i in batch["index"]], dtype=torch.bool)
+            if not bool(keep.all()):
+                batch = {k: v[keep] for k, v in batch.items()}
+            if batch["index"].numel():
+                yield batch
 
 
 def _worker_message(text: str, kind: type) -> str:

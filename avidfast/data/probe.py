@@ -79,16 +79,17 @@ class ProbeResult:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def reject_reason(result: ProbeResult, min_seconds: float) -> Optional[str]:
+def reject_reason(result: ProbeResult, min_seconds: float, require_audio: bool = True) -> Optional[str]:
     """Why a probed file should not be used (short, human-readable), or ``None`` to keep it.
 
-    Any size, frame rate (constant or not), sample rate and channel count is accepted.
+    Any size, frame rate (constant or not), sample rate and channel count is accepted. Without
+    ``require_audio`` (sets for video-only evaluation) a file without an audio stream is kept.
     """
     if result.error:
         return result.error
     if not result.has_video:
         return "no video stream"
-    if not result.has_audio:
+    if not result.has_audio and require_audio:
         return "no audio stream"
     if not result.width or not result.height:
         return "video has no frame size"
@@ -96,7 +97,7 @@ def reject_reason(result: ProbeResult, min_seconds: float) -> Optional[str]:
         return "unknown duration"
     if result.duration < min_seconds:
         return f"shorter than {min_seconds:g} s ({result.duration:.1f} s)"
-    if result.audio_duration is not None and result.audio_duration < min_seconds:
+    if result.has_audio and result.audio_duration is not None and result.audio_duration < min_seconds:
         return f"audio shorter than {min_seconds:g} s ({result.audio_duration:.1f} s)"
     return None
 

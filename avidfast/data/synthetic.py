@@ -56,16 +56,30 @@ def class_style(label: int) -> Dict[str, object]:
     }
 
 
-def _params(num_videos, num_classes, seconds, seed, size, fps, sample_rate, colour_cue) -> Dict[str, object]:
-    return {
+def _params(num_videos, num_classes, seconds, seed, size, fps, sample_rate, colour_cue,
+            silent_fraction) -> Dict[str, object]:
+    params = {
         "generator": "avidfast.data.synthetic", "version": _FORMAT_VERSION,
         "num_videos": int(num_videos), "num_classes": int(num_classes), "seconds": float(seconds),
         "seed": int(seed), "size": [int(size[0]), int(size[1])], "fps": int(fps),
         "sample_rate": int(sample_rate), "colour_cue": float(colour_cue),
     }
+    if silent_fraction:  # only recorded when used, so sets made before the option keep their parameters
+        params["silent_fraction"] = float(silent_fraction)
+    return params
 
 
-def _check(num_videos, num_classes, seconds, size, fps, sample_rate, colour_cue) -> None:
+def silent_rows(num_videos: int, silent_fraction: float, seed: int) -> List[int]:
+    """The manifest rows written without an audio stream: ``round(silent_fraction * num_videos)`` rows
+    drawn without replacement with a generator seeded by ``seed``, sorted."""
+    count = int(round(silent_fraction * num_videos))
+    rows = np.random.default_rng([seed, 0x51E7]).permutation(num_videos)[:count]
+    return sorted(int(r) for r in rows)
+
+
+def _check(num_videos, num_classes, seconds, size, fps, sample_rate, colour_cue, silent_fraction=0.0) -> None:
+    if not 0.0 <= float(silent_fraction) <= 1.0:
+        raise DatasetError(f"silent_fraction must be between 0 and 1, got {silent_fraction}")
     if int(num_videos) < 1:
         raise DatasetError(f"num_videos must be at least 1, got {num_videos}")
     if not 1 <= int(num_classes) <= int(num_videos):
@@ -84,7 +98,8 @@ def _check(num_videos, num_classes, seconds, size, fps, sample_rate, colour_cue)
 
 def make_dataset(out_dir: str, num_videos: int, num_classes: int, seconds: float = 4.0, seed: int = 0, *,
                  size: Tuple[int, int] = (128, 128), fps: int = 16, sample_rate: int = 24000,
-                 colour_cue: float = COLOUR_CUE, workers: Optional[int] = None, progress: bool = False) -> str:
+                 colour_cue: float = COLOUR_CUE, silent_fraction: float = 0.0, workers: Optional[int] = None,
+                 progress: bool = False) -> str:
     """Writes ``num_videos`` labelled clips and their manifest under ``out_dir``; returns the manifest path.
 
     Files: ``out_dir/videos/class_XX/clip_XXXXX.mp4`` (H.264 yuv420p, ``size`` = (width, height)
@@ -94,15 +109,18 @@ def make_dataset(out_dir: str, num_videos: int, num_classes: int, seconds: float
     ``out_dir/synthetic.json`` (the arguments). Every file is written atomically.
 
     ``colour_cue`` is the share of clips painted in their class's hue (the others get a random
-    hue): 0 leaves colour no information about the class. ``workers`` spawned processes encode
+    hue): 0 leaves colour no information about the class. ``silent_fraction``: the share of clips
+    written without an audio stream (the rows of :func:`silent_rows`; many UCF-101 and HMDB-51
+    videos have none), to exercise the video-only evaluation. ``workers`` spawned processes encode
     in parallel (default: up to 4, by CPU count, when there are 16 clips or more; 1: in this
     process); the content does not depend on it. ``progress``
     shows a tqdm bar. Running it again with the same arguments rewrites only missing clips. A
     folder that already holds a manifest made otherwise (other arguments, or not by this
     function) is refused with :class:`DatasetError`, so a user's data set is never overwritten.
     """
-    _check(num_videos, num_classes, seconds, size, fps, sample_rate, colour_cue)
-    params = _params(num_videos, num_classes, seconds, seed, size, fps, sample_rate, colour_cue)
+    _check(num_videos, num_classes, seconds, size, fps, sample_rate, colour_cue, silent_fraction)
+    params = _params(num_videos, num_classes, seconds, seed, size, fps, sample_rate, colour_cue, silent_fraction)
+    silent = set(silent_rows(num_videos, silent_fraction, seed))
     out_dir = os.path.abspath(out_dir)
     manifest_path = os.path.join(out_dir, MANIFEST_NAME)
     params_path = os.path.join(out_dir, PARAMS_NAME)
@@ -132,7 +150,7 @@ def make_dataset(out_dir: str, num_videos: int, num_classes: int, seconds: float
 
     if workers is None:
         workers = min(4, os.cpu_count() or 1) if len(todo) >= 16 else 1
-    jobs = [(os.path.join(out_dir, rel), label, i, params) for i, label, rel in todo]
+    jobs = [(os.path.join(out_dir, rel), label, i, params, i in silent) for i, label, rel in todo]
     bar = None
     if progress and todo:
         from tqdm import tqdm
@@ -159,11 +177,11 @@ def make_dataset(out_dir: str, num_videos: int, num_classes: int, seconds: float
 
 
 def _make_clip(job) -> None:
-    path, label, index, params = job
+    path, label, index, params, silent = job
     rng = np.random.default_rng([params["seed"], index])
     video, audio = render_clip(label, rng, params["seconds"], tuple(params["size"]), params["fps"], params["sample_rate"],
                                params["colour_cue"])
-    _write_mp4(path, video, audio, params["fps"], params["sample_rate"])
+    _write_mp4(path, video, None if silent else audio, params["fps"], params["sample_rate"])
 
 
 def _read_json(path: str) -> Optional[dict]:
@@ -279,8 +297,9 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np
     return (dy > -r) & (dy < r * 0.8) & (ax < (dy + r) * 0.6)
 
 
-def _write_mp4(path: str, video: np.ndarray, audio: np.ndarray, fps: int, sample_rate: int) -> None:
-    """Encodes (T, H, W, 3) uint8 frames and (S,) float32 mono samples into an MP4, atomically."""
+def _write_mp4(path: str, video: np.ndarray, audio: Optional[np.ndarray], fps: int, sample_rate: int) -> None:
+    """Encodes (T, H, W, 3) uint8 frames and (S,) float32 mono samples (None: no audio stream) into an
+    MP4, atomically."""
     import av
 
     directory = os.path.dirname(path)
@@ -293,23 +312,26 @@ def _write_mp4(path: str, video: np.ndarray, audio: np.ndarray, fps: int, sample
             vs.pix_fmt = "yuv420p"
             vs.codec_context.thread_count = 1  # single-threaded x264 is bit-exact run to run
             vs.options = {"preset": "ultrafast", "crf": "23"}
-            aus = container.add_stream("aac", rate=sample_rate)
-            aus.layout = "mono"
-            aus.options = {"aac_coder": "fast"}
+            aus = None
+            if audio is not None:
+                aus = container.add_stream("aac", rate=sample_rate)
+                aus.layout = "mono"
+                aus.options = {"aac_coder": "fast"}
             for i, image in enumerate(video):
                 frame = av.VideoFrame.from_ndarray(image, format="rgb24")
                 frame.pts = i
                 frame.time_base = Fraction(1, fps)
                 container.mux(vs.encode(frame))
             container.mux(vs.encode(None))
-            chunk = 1024
-            for start in range(0, len(audio), chunk):
-                frame = av.AudioFrame.from_ndarray(audio[None, start:start + chunk], format="flt", layout="mono")
-                frame.sample_rate = sample_rate
-                frame.pts = start
-                frame.time_base = Fraction(1, sample_rate)
-                container.mux(aus.encode(frame))
-            container.mux(aus.encode(None))
+            if aus is not None:
+                chunk = 1024
+                for start in range(0, len(audio), chunk):
+                    frame = av.AudioFrame.from_ndarray(audio[None, start:start + chunk], format="flt", layout="mono")
+                    frame.sample_rate = sample_rate
+                    frame.pts = start
+                    frame.time_base = Fraction(1, sample_rate)
+                    container.mux(aus.encode(frame))
+                container.mux(aus.encode(None))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

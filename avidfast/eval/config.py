@@ -15,6 +15,7 @@ from avidfast.config import (PACKAGE_CONFIGS, AudioSection, ConfigError, VideoSe
 
 EVAL_CONFIGS = os.path.join(PACKAGE_CONFIGS, "eval")
 PROTOCOLS = ("linear", "finetune")
+LINEAR_VARIANTS = ("reference", "global_max")
 
 
 def _no_jitter_video() -> VideoSection:
@@ -32,9 +33,10 @@ class EvalDataSection:
     root: Optional[str] = None  # folder the manifests' relative paths start from (None: each manifest's)
     workers: int = 4  # DataLoader workers
     clips_per_video: int = 10  # evenly spaced test clips per video (video-level accuracy averages them)
-    max_bad_fraction: float = 0.01
+    max_bad_fraction: float = 0.01  # training clips only: share of an epoch's reads replaced before stopping
+    on_bad_test_video: str = "error"  # error (stop, naming it) or exclude (left out, listed in results.json)
     video: VideoSection = field(default_factory=_no_jitter_video)
-    audio: AudioSection = field(default_factory=AudioSection)  # only read by protocols using audio
+    audio: AudioSection = field(default_factory=AudioSection)  # not read by linear / finetune (video only)
 
 
 @dataclass
@@ -53,10 +55,11 @@ class EvalOptimSection:
 
 @dataclass
 class LinearSection:
-    """Linear probes on the frozen video encoder (supplement Table 1)."""
+    """Linear probes on the frozen video encoder (supplement Table 1; avidfast.eval.linear_protocol)."""
 
-    blocks: List[str] = field(default_factory=list)  # blocks probed (empty: every block + the final pool)
-    pool: str = "max"  # max (the paper's) or mean over time and space
+    blocks: List[str] = field(default_factory=list)  # of conv1, block1..block4 (empty: block1..block4, Table 1)
+    variant: str = "reference"  # reference (per-block grids, BatchNorm1d) or global_max (cheap: 1 value per channel)
+    backbone_bn: str = "train"  # train (the reference: batch statistics while probing) or eval (running statistics)
 
 
 @dataclass
@@ -65,6 +68,7 @@ class FinetuneSection:
 
     dropout: float = 0.5  # before the classifier
     freeze_bn: bool = False  # keep BatchNorm statistics from pre-training
+    warmup_epochs: int = 0  # epochs training the classifier alone first (the reference's warm-up: 5)
 
 
 @dataclass
@@ -96,7 +100,9 @@ class EvalConfig:
         choices = {
             "protocol": (self.protocol, PROTOCOLS),
             "optim.optimizer": (self.optim.optimizer, ("adam", "sgd")),
-            "linear.pool": (self.linear.pool, ("max", "mean")),
+            "linear.variant": (self.linear.variant, LINEAR_VARIANTS),
+            "linear.backbone_bn": (self.linear.backbone_bn, ("train", "eval")),
+            "data.on_bad_test_video": (self.data.on_bad_test_video, ("error", "exclude")),
             "run.precision": (self.run.precision, ("auto", "bf16", "fp32")),
             "data.audio.preset": (self.data.audio.preset, ("table5", "table6", "reference")),
         }
@@ -115,6 +121,8 @@ class EvalConfig:
         check_audio_section(self.data.audio)
         if not 0 <= self.data.max_bad_fraction <= 1:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.data.max_bad_fraction}")
+        if self.finetune.warmup_epochs < 0:
+            raise ConfigError(f"finetune.warmup_epochs must be 0 or more, got {self.finetune.warmup_epochs}")
         if self.data.workers < 0:
             raise ConfigError(f"data.workers must be 0 or more, got {self.data.workers}")
         if not self.data.train_manifest:

@@ -8,7 +8,7 @@ an error.
 """
 import logging
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -74,22 +74,16 @@ def labelled_split(cfg: EvalConfig) -> LabelledSplit:
     return LabelledSplit(_subset(train, train_rows), _subset(train, test_rows), classes)
 
 
-def _audio(cfg: EvalConfig):
-    from avidfast.data.audio import SpectrogramStats, get_preset
-
-    preset = get_preset(cfg.data.audio.preset)
-    stats = SpectrogramStats.load(cfg.data.audio.stats, preset) if cfg.data.audio.stats else None
-    return preset, stats
-
-
 def train_loader(cfg: EvalConfig, split: LabelledSplit, rank: int = 0, world: int = 1):
     """Augmented training clips of ``split.train`` (Table 4 augmentation of ``cfg.data.video``),
-    ``cfg.optim.samples_per_epoch`` per epoch, batches of ``cfg.optim.batch_size`` per process."""
+    ``cfg.optim.samples_per_epoch`` per epoch, batches of ``cfg.optim.batch_size`` per process.
+    Video only (no audio is decoded; files without sound are fine); clips of videos shorter than a
+    clip are padded by repeating their frames (the reference's evaluation clips); an unreadable
+    video is replaced as in pre-training (``cfg.data.max_bad_fraction``)."""
     from avidfast.data.cpu_pipeline import ClipDataset, CPULoader
 
-    preset, stats = _audio(cfg)
-    dataset = ClipDataset(split.train, video=cfg.data.video.to_video_config(), audio_preset=preset, stats=stats,
-                          mode="train", seed=cfg.seed, classes=split.classes)
+    dataset = ClipDataset(split.train, video=cfg.data.video.to_video_config(), mode="train", seed=cfg.seed,
+                          classes=split.classes, audio=False, pad_short=True)
     return CPULoader(dataset, batch_size=cfg.optim.batch_size, workers=cfg.data.workers, rank=rank,
                      world_size=world, samples_per_epoch=cfg.optim.samples_per_epoch,
                      max_bad_fraction=cfg.data.max_bad_fraction)
@@ -98,14 +92,70 @@ def train_loader(cfg: EvalConfig, split: LabelledSplit, rank: int = 0, world: in
 def test_loader(cfg: EvalConfig, manifest: Manifest, classes: Optional[List[str]], rank: int = 0, world: int = 1,
                 batch_size: Optional[int] = None):
     """``cfg.data.clips_per_video`` evenly spaced, centre-cropped clips of every video of ``manifest``
-    (this rank's share), in order, every batch with ``clip`` and, with ``classes``, ``label``."""
+    (this rank's share), in order, every batch with ``clip`` and, with ``classes``, ``label``. Video
+    only, short videos padded (as :func:`train_loader`); a video is never replaced: an unreadable one
+    stops the run naming it, or with ``data.on_bad_test_video=exclude`` is left out (the loader's
+    ``bad_videos`` / ``bad_files``; :func:`scored_test_clips` drops its clips)."""
     from avidfast.data.cpu_pipeline import ClipDataset, CPULoader
 
-    preset, stats = _audio(cfg)
-    dataset = ClipDataset(manifest, video=cfg.data.video.to_video_config(), audio_preset=preset, stats=stats,
-                          mode="eval", clips_per_video=cfg.data.clips_per_video, seed=cfg.seed, classes=classes)
+    dataset = ClipDataset(manifest, video=cfg.data.video.to_video_config(), mode="eval",
+                          clips_per_video=cfg.data.clips_per_video, seed=cfg.seed, classes=classes, audio=False,
+                          pad_short=True)
     return CPULoader(dataset, batch_size=batch_size or cfg.optim.batch_size, workers=cfg.data.workers, rank=rank,
-                     world_size=world, drop_last=False, max_bad_fraction=cfg.data.max_bad_fraction)
+                     world_size=world, drop_last=False, on_bad=cfg.data.on_bad_test_video)
+
+
+@dataclass
+class ScoredTest:
+    """The test clips that count, gathered from every process: ``scores`` (N, C) per name, ``index``
+    and ``label`` (N,); ``excluded``: (path, reason) of the test videos left out (sorted by path)."""
+
+    scores: Dict[str, torch.Tensor]
+    index: torch.Tensor
+    label: torch.Tensor
+    excluded: List[Tuple[str, str]]
+
+    @property
+    def num_videos(self) -> int:
+        return int(self.index.unique().numel())
+
+    def summary(self) -> Dict[str, object]:
+        """What results.json says about the test set: videos scored, clips, and the excluded ones."""
+        return {"num_test": int(self.index.numel()), "num_test_videos": self.num_videos,
+                "num_excluded_test_videos": len(self.excluded),
+                "excluded_test_videos": [{"path": p, "reason": r} for p, r in self.excluded]}
+
+
+def scored_test_clips(loader, manifest: Manifest, clips_per_video: int, scores: Dict[str, torch.Tensor],
+                      index: torch.Tensor, label: torch.Tensor) -> ScoredTest:
+    """Gathers this process's test ``scores`` (name -> (n, C)), ``index`` and ``label`` (n,) from every
+    process, drops the clips of videos the loader excluded (anywhere in the run) and checks that every
+    other video of ``manifest`` is scored exactly once: ``clips_per_video`` clips, no more, no fewer
+    (EvalError otherwise: a video scored twice or missing would bias video top-1)."""
+    import torch.distributed as dist
+
+    from avidfast.distributed import all_gather_rows, is_distributed
+
+    names = list(scores)
+    gathered = all_gather_rows([index, label] + [scores[n] for n in names])
+    index_all, label_all, rest = gathered[0], gathered[1], gathered[2:]
+    excluded = list(loader.bad_files)
+    bad = list(loader.bad_videos)
+    if is_distributed():
+        everyone: List[object] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, (excluded, bad))
+        excluded = [e for part in everyone for e in part[0]]
+        bad = [b for part in everyone for b in part[1]]
+    keep = ~torch.isin(index_all, torch.tensor(bad, dtype=index_all.dtype))
+    index_all, label_all = index_all[keep], label_all[keep]
+    rest = [r[keep] for r in rest]
+    expected = sorted(set(range(len(manifest))) - set(bad))
+    videos, counts = index_all.unique(return_counts=True)
+    if videos.tolist() != expected or bool((counts != clips_per_video).any()):
+        raise EvalError(f"the test scores cover {videos.numel()} videos with {counts.min() if counts.numel() else 0}.."
+                        f"{counts.max() if counts.numel() else 0} clips each, expected each of the "
+                        f"{len(expected)} readable test videos exactly once with {clips_per_video} clips")
+    return ScoredTest(dict(zip(names, rest)), index_all, label_all, sorted(excluded))
 
 
 def resolve_device(name: str, option: str = "run.device") -> torch.device:

@@ -31,30 +31,36 @@ ProbeData = Union[FeatureSet, Tuple]
 
 
 class LinearProbe(torch.nn.Module):
-    """Per block: normalisation, then ``Linear(C_block, num_classes)`` (weights start at zero).
+    """Per block: normalisation, then ``Linear(C_block, num_classes)``.
 
     ``forward(features)`` maps a dict block -> (N, C_block) to a dict block -> (N, classes) logits.
     With ``standardize`` the buffers ``mean_i`` / ``std_i`` hold the training statistics of block
-    i (set by :meth:`set_statistics`); otherwise a ``BatchNorm1d(affine=False)`` normalises.
+    i (set by :meth:`set_statistics`); otherwise a ``BatchNorm1d`` normalises, with a learned scale
+    and shift when ``bn_affine`` (the reference's ``BatchNorm1d(C)``), without them otherwise.
+    ``zero_init``: the linear layers start at zero; else at PyTorch's default initialisation (the
+    reference's).
     """
 
-    def __init__(self, dims: Mapping[str, int], num_classes: int, standardize: bool = True):
+    def __init__(self, dims: Mapping[str, int], num_classes: int, standardize: bool = True, *,
+                 bn_affine: bool = False, zero_init: bool = True):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
         self.blocks = list(dims)
         self.num_classes, self.standardize = num_classes, standardize
         self.heads = torch.nn.ModuleList(torch.nn.Linear(int(dims[b]), num_classes) for b in self.blocks)
-        for head in self.heads:
-            torch.nn.init.zeros_(head.weight)
-            torch.nn.init.zeros_(head.bias)
+        if zero_init:
+            for head in self.heads:
+                torch.nn.init.zeros_(head.weight)
+                torch.nn.init.zeros_(head.bias)
         if standardize:
             self.norms = None
             for i, b in enumerate(self.blocks):
                 self.register_buffer(f"mean_{i}", torch.zeros(int(dims[b])))
                 self.register_buffer(f"std_{i}", torch.ones(int(dims[b])))
         else:
-            self.norms = torch.nn.ModuleList(torch.nn.BatchNorm1d(int(dims[b]), affine=False) for b in self.blocks)
+            self.norms = torch.nn.ModuleList(torch.nn.BatchNorm1d(int(dims[b]), affine=bn_affine)
+                                             for b in self.blocks)
 
     def set_statistics(self, features: Mapping[str, torch.Tensor], eps: float = 1e-6) -> None:
         """Standardisation statistics from the training features (no-op with BatchNorm)."""
@@ -85,6 +91,9 @@ class LinearProbeResult:
     training set; ``train_loss[b]``: mean cross-entropy over the last epoch. ``best_block``: the
     block with the highest video-level top-1 (ties: clip-level, then the earlier block).
     ``chance`` = 1 / num_classes. ``model`` is the trained :class:`LinearProbe`.
+    ``feature_sizes[b]``: the length of block b's feature vector (what its probe reads);
+    ``excluded_test_videos``: test videos left out because they could not be read (path, reason),
+    ``num_excluded_test_videos`` their count (``data.on_bad_test_video=exclude``).
     """
 
     blocks: List[str]
@@ -100,6 +109,9 @@ class LinearProbeResult:
     num_test_videos: int
     seconds: float
     settings: Dict[str, object] = field(default_factory=dict)
+    feature_sizes: Dict[str, int] = field(default_factory=dict)
+    num_excluded_test_videos: int = 0
+    excluded_test_videos: List[Dict[str, str]] = field(default_factory=list)
     model: Optional[LinearProbe] = field(default=None, repr=False, compare=False)
 
     @property
@@ -127,6 +139,8 @@ class LinearProbeResult:
             )
         lines.append(f"best: {self.best_block} (video top-1 {100 * self.best_top1:.2f}%, "
                      f"clip top-1 {100 * self.clip_top1[self.best_block]:.2f}%)")
+        if self.num_excluded_test_videos:
+            lines.append(f"{self.num_excluded_test_videos} unreadable test videos excluded (listed in results.json)")
         return "\n".join(lines)
 
 

@@ -182,3 +182,101 @@ def run_config_protocol(cfg, checkpoint: str, *, random_init: bool = False, trus
     table = f"{cfg.name} ({what} {checkpoint})\n{result.format()}"
     run.finish({"protocol": cfg.protocol, "checkpoint": pretrained.info, **result.to_dict()}, table)
     return result
+
+
+FOLD_FIELD = "{fold}"
+
+
+def fold_config(cfg, fold: int):
+    """``cfg`` for one fold: ``{fold}`` in data.train_manifest / data.test_manifest replaced by the fold
+    number, out_dir ``<run folder>/fold-<N>``, name ``<name>-fold<N>``. ConfigError when neither
+    manifest holds ``{fold}`` (every fold would read the same split)."""
+    import copy
+
+    from avidfast.config import ConfigError
+
+    manifests = (cfg.data.train_manifest or "", cfg.data.test_manifest or "")
+    if not any(FOLD_FIELD in m for m in manifests):
+        raise ConfigError(f"--folds: data.train_manifest ({manifests[0]}) and data.test_manifest ({manifests[1] or None}) "
+                          "do not contain {fold}; name the fold's lists with it, e.g. --set "
+                          "data.train_manifest=ucf101/train{fold}.csv --set data.test_manifest=ucf101/test{fold}.csv")
+    out = copy.deepcopy(cfg)
+    out.data.train_manifest = cfg.data.train_manifest.replace(FOLD_FIELD, str(fold))
+    if cfg.data.test_manifest:
+        out.data.test_manifest = cfg.data.test_manifest.replace(FOLD_FIELD, str(fold))
+    out.name = f"{cfg.name}-fold{fold}"
+    return out
+
+
+def fold_summary(results: Dict[int, Dict[str, Any]], keys=("clip_top1", "video_top1")) -> Dict[str, Any]:
+    """Mean and sample standard deviation (n - 1; 0 for one fold) over folds of each accuracy in ``keys``
+    (fraction per fold; a dict of fractions per block for the linear probe)."""
+    import statistics
+
+    def spread(values: List[float]) -> Dict[str, float]:
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+    out: Dict[str, Any] = {}
+    folds = sorted(results)
+    for key in keys:
+        first = results[folds[0]][key]
+        if isinstance(first, dict):
+            out[key] = {b: spread([results[f][key][b] for f in folds]) for b in first}
+        else:
+            out[key] = spread([results[f][key] for f in folds])
+    return out
+
+
+def run_folds(cfg, checkpoint: str, folds: List[int], *, random_init: bool = False, trust: bool = False,
+              overwrite: bool = False) -> Dict[str, Any]:
+    """:func:`run_config_protocol` once per fold (:func:`fold_config`: ``{fold}`` in the manifests, the run
+    in ``<run folder>/fold-<N>``), then ``<run folder>/results.json`` with every fold's clip / video top-1
+    and their mean and standard deviation (:func:`fold_summary`). Returns that dict."""
+    from avidfast.distributed import init_from_env
+
+    if not folds or len(set(folds)) != len(folds) or any(f < 1 for f in folds):
+        from avidfast.config import ConfigError
+
+        raise ConfigError(f"--folds: give distinct fold numbers from 1, e.g. --folds 1 2 3; got {folds}")
+    base = cfg.out_dir or default_run_dir(cfg.name, random_init)
+    configs = {f: fold_config(cfg, f) for f in folds}  # every fold's manifests are checked before the first runs
+    for f, fold_cfg in configs.items():
+        fold_cfg.out_dir = os.path.join(base, f"fold-{f}")
+        _check_manifests(fold_cfg)
+        check_run_dir(fold_cfg.out_dir, overwrite, "--set out_dir=...")
+    summary_path = os.path.join(base, "results.json")
+    if os.path.exists(summary_path) and not overwrite:
+        raise RunFolderError(f"{base} already holds a fold summary (results.json); pass --overwrite to replace it, "
+                             "or choose another folder with --set out_dir=...")
+    per_fold: Dict[int, Dict[str, Any]] = {}
+    for f, fold_cfg in configs.items():
+        result = run_config_protocol(fold_cfg, checkpoint, random_init=random_init, trust=trust, overwrite=overwrite)
+        per_fold[f] = result.to_dict()
+    keep = ("clip_top1", "video_top1", "num_test_videos", "num_excluded_test_videos")
+    summary = {"protocol": cfg.protocol, "checkpoint": checkpoint, "folds": folds,
+               "per_fold": {str(f): {k: per_fold[f].get(k) for k in keep} for f in folds},
+               **fold_summary(per_fold),
+               "runs": {str(f): os.path.join(base, f"fold-{f}") for f in folds}}
+    rank, _, _ = init_from_env()
+    if rank == 0:
+        atomic_write_text(summary_path, json.dumps(summary, indent=2, default=str) + "\n")
+        print(format_fold_summary(summary))
+        print(f"fold summary: {summary_path}")
+    return summary
+
+
+def format_fold_summary(summary: Dict[str, Any]) -> str:
+    """One line per fold and the mean +- std (percent) of clip and video top-1 (per block for probes)."""
+    def pct(value) -> str:
+        if isinstance(value, dict) and "mean" in value:
+            return f"{100 * value['mean']:.2f} +- {100 * value['std']:.2f}"
+        if isinstance(value, dict):
+            return ", ".join(f"{b} {pct(v)}" for b, v in value.items())
+        return f"{100 * value:.2f}"
+
+    lines = [f"{summary['protocol']} over folds {summary['folds']}:"]
+    for f, row in summary["per_fold"].items():
+        lines.append(f"  fold {f}: clip top-1 {pct(row['clip_top1'])}, video top-1 {pct(row['video_top1'])} "
+                     f"({row['num_test_videos']} test videos)")
+    lines.append(f"  mean +- std: clip top-1 {pct(summary['clip_top1'])}, video top-1 {pct(summary['video_top1'])}")
+    return "\n".join(lines)

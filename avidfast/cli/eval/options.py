@@ -23,15 +23,25 @@ def add_config_options(parser: argparse.ArgumentParser, shipped) -> None:
     parser.add_argument("config", metavar="CONFIG", help="YAML file, or a shipped protocol: " + ", ".join(shipped))
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                         help="override a config value, e.g. --set data.train_manifest=ucf101/train1.csv")
+    parser.add_argument("--folds", type=int, nargs="+", metavar="N", default=None,
+                        help="run each fold N (UCF-101 / HMDB-51 official splits: 1 2 3): {fold} in "
+                             "data.train_manifest / data.test_manifest becomes N, each run goes to "
+                             "<run folder>/fold-N, and <run folder>/results.json gets every fold and mean +- std "
+                             "(None: one run on the manifests as given)")
 
 
 def run_config_command(args: argparse.Namespace, protocol: str) -> None:
     """`avidfast eval linear | finetune`: reads CONFIG with its --set overrides, checks that it is a
-    ``protocol`` config, and runs :func:`avidfast.eval.run.run_config_protocol`."""
+    ``protocol`` config, and runs :func:`avidfast.eval.run.run_config_protocol` (with --folds:
+    :func:`avidfast.eval.run.run_folds`)."""
     from avidfast.eval.config import load_eval_config
-    from avidfast.eval.run import run_config_protocol
+    from avidfast.eval.run import run_config_protocol, run_folds
 
     cfg = load_eval_config(args.config, args.set)
     if cfg.protocol != protocol:
         raise UserError(f"{args.config}: protocol is '{cfg.protocol}'; use `avidfast eval {cfg.protocol}`")
+    if args.folds:
+        run_folds(cfg, args.checkpoint, args.folds, random_init=args.random_init, trust=args.trust,
+                  overwrite=args.overwrite)
+        return
     run_config_protocol(cfg, args.checkpoint, random_init=args.random_init, trust=args.trust, overwrite=args.overwrite)

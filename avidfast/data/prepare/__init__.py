@@ -13,7 +13,10 @@ Output folder OUT:
       - without: ``path`` points at the source file itself (``../raw/a.mp4``-style; absolute only
         where no relative path exists, e.g. another drive);
       - with ``extract_audio``: ``audio_path`` is ``audio/<source path>.<wav|flac>``, 24 kHz mono
-        16-bit, whose sample 0 is at the time of the video's first frame.
+        16-bit, whose sample 0 is at the time of the video's first frame;
+      - with ``video_only`` (sets for the video-only evaluation protocols: linear probe,
+        fine-tuning): files without an audio stream are kept, and a ``has_audio`` column (1 / 0)
+        records which rows have sound (a reader of audio refuses rows with 0).
     ``duration`` (s), ``fps``, ``width``, ``height`` describe the ``path`` file; ``sample_rate``
     (Hz) and ``channels`` the audio inside it (empty when a transcoded file carries none).
     ``<source path>`` mirrors the source tree: the path relative to the SRC folder (or manifest
@@ -64,7 +67,7 @@ __all__ = ["prepare", "PrepareError", "PrepareSummary", "reason_kind", "VIDEO_EX
 def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int = 2,
             extract_audio: Optional[str] = None, transcode: Optional[str] = None, fps: int = 16,
             gop: int = 16, min_seconds: float = 2.0, check: str = "fast", progress: bool = True,
-            log: Optional[Callable[[str], None]] = None) -> PrepareSummary:
+            log: Optional[Callable[[str], None]] = None, video_only: bool = False) -> PrepareSummary:
     """Probes SRC, writes ``OUT/manifest.csv`` and ``OUT/rejected.csv``; see the module docstring.
 
     ``extract_audio``: None, "wav" or "flac" (24 kHz mono 16-bit). ``transcode``: None, "h264"
@@ -72,7 +75,8 @@ def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int 
     WebM with Opus audio, or no audio when ``extract_audio`` is set: DALI's CPU backend decodes
     it). Transcoded video has a constant ``fps`` and a keyframe every ``gop`` frames, and even
     width and height (odd ones are scaled down by one pixel). ``min_seconds``: shorter clips are
-    rejected. ``check``: how hard each file is probed, see :mod:`avidfast.data.probe`.
+    rejected. ``check``: how hard each file is probed, see :mod:`avidfast.data.probe`. ``video_only``:
+    keep files without an audio stream (module docstring; not with ``extract_audio`` / ``transcode``).
     ``log`` receives one-line notes and warnings (default: stderr when ``progress``); the
     warnings are also in ``summary.warnings``.
     Raises :class:`PrepareError` for bad arguments or inputs, and when no clip is usable (with the
@@ -80,7 +84,7 @@ def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int 
     """
     started = time.monotonic()
     check_arguments(extract_audio=extract_audio, transcode=transcode, check=check, fps=fps, gop=gop,
-                    workers=workers, min_seconds=min_seconds)
+                    workers=workers, min_seconds=min_seconds, video_only=video_only)
     if log is None:
         log = (lambda message: print(message, file=sys.stderr, flush=True)) if progress else (lambda message: None)
 
@@ -112,6 +116,8 @@ def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int 
     os.makedirs(state, exist_ok=True)
     options = {"transcode": transcode, "fps": fps if transcode else None, "gop": gop if transcode else None,
                "extract_audio": extract_audio, "version": OUTPUT_VERSION}
+    if video_only:  # recorded only when set, so earlier runs' options stay the same
+        options["video_only"] = True
     save_run(state, src, source_root, options, check, min_seconds)
 
     summary = PrepareSummary(os.path.join(out, "manifest.csv"), os.path.join(out, "rejected.csv"))
@@ -124,14 +130,15 @@ def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int 
     finally:
         pool.close()
 
-    kept_rows, rejected_rows, reasons = manifest_rows(entries, records, out, transcode, extract_audio, min_seconds)
+    kept_rows, rejected_rows, reasons = manifest_rows(entries, records, out, transcode, extract_audio, min_seconds,
+                                                      video_only)
     if not kept_rows:
         counts = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common(3))
         example = rejected_rows[0]
         raise PrepareError(f"no usable clip in {src}: all {len(rejected_rows)} rejected ({counts}"
                            f"{', ...' if len(reasons) > 3 else ''}; e.g. {example['path']}: {example['reason']}); "
                            f"nothing written to {out}/manifest.csv")
-    columns = manifest_columns(entries, extract_audio)
+    columns = manifest_columns(entries, extract_audio, video_only)
     write_manifest(summary.manifest_path, kept_rows, columns=columns)
     write_manifest(summary.rejected_path, rejected_rows, columns=["path", "reason"])
     summary.total = len(entries)

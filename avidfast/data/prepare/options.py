@@ -12,8 +12,12 @@ class PrepareError(AvidfastError, ValueError):
     """A mistake in the arguments or inputs of :func:`prepare` (one line, for the user)."""
 
 
-def check_arguments(*, extract_audio, transcode, check, fps, gop, workers, min_seconds) -> None:
+def check_arguments(*, extract_audio, transcode, check, fps, gop, workers, min_seconds, video_only=False) -> None:
     """Raises :class:`PrepareError` for an argument of :func:`avidfast.data.prepare.prepare` out of range."""
+    if video_only and (extract_audio or transcode):
+        raise PrepareError("video_only (--video-only) keeps files without sound for video-only evaluation and "
+                           "writes nothing but the manifest; it cannot be combined with extract_audio "
+                           "(--extract-audio) or transcode (--transcode)")
     if extract_audio not in (None, *AUDIO_FORMATS):
         raise PrepareError(f"extract_audio must be one of {sorted(AUDIO_FORMATS)} or None, got {extract_audio!r}")
     if transcode not in (None, *TRANSCODES):

@@ -64,14 +64,16 @@ def save_run(state: str, src: str, source_root: str, options: dict, check: str, 
 
 
 def manifest_rows(entries: List[Entry], records: Dict[str, dict], out: str, transcode: Optional[str],
-                  extract_audio: Optional[str], min_seconds: float) -> Tuple[List[dict], List[dict], Counter]:
-    """The rows of manifest.csv and rejected.csv in source order, and the rejections by kind."""
+                  extract_audio: Optional[str], min_seconds: float,
+                  video_only: bool = False) -> Tuple[List[dict], List[dict], Counter]:
+    """The rows of manifest.csv and rejected.csv in source order, and the rejections by kind
+    (``video_only``: files without sound are kept, ``has_audio`` says which have it)."""
     kept_rows, rejected_rows = [], []
     reasons: Counter = Counter()
     for entry in entries:
         record = records[entry.source]
         result = ProbeResult.from_dict(record["probe"])
-        reason = reject_reason(result, min_seconds)
+        reason = reject_reason(result, min_seconds, require_audio=not video_only)
         made = record.get("outputs") if (transcode or extract_audio) else None
         if reason is None and made is not None and made.get("error"):
             reason = made["error"]
@@ -94,17 +96,22 @@ def manifest_rows(entries: List[Entry], records: Dict[str, dict], out: str, tran
                 row["audio_path"] = files["audio"]["path"]
                 meta["audio_duration"] = files["audio"].get("duration")
         row.update({k: _rounded(v) for k, v in meta.items()})
+        if video_only:
+            row["has_audio"] = int(result.has_audio)
         kept_rows.append(row)
     return kept_rows, rejected_rows, reasons
 
 
-def manifest_columns(entries: List[Entry], extract_audio: Optional[str]) -> List[str]:
-    """manifest.csv's columns: path, label, the metadata, then the source manifest's other columns."""
+def manifest_columns(entries: List[Entry], extract_audio: Optional[str], video_only: bool = False) -> List[str]:
+    """manifest.csv's columns: path, label, the metadata (and ``has_audio`` for a ``video_only`` set),
+    then the source manifest's other columns."""
     columns = ["path"]
     source_columns = [c for c in (entries[0].row.keys() if entries else []) if c != "path"]
     if "label" in source_columns:
         columns.append("label")
     columns += [c for c in METADATA_COLUMNS if c != "audio_path" or extract_audio]
+    if video_only:
+        columns.append("has_audio")
     columns += [c for c in source_columns if c not in columns and c not in METADATA_COLUMNS]
     return columns
 
