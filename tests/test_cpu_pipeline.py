@@ -7,7 +7,7 @@ import torch
 from media import BAD_MEDIA_EXPECTED, make_bad_media, make_clip, real_clips
 
 from avidfast.data.audio import get_preset
-from avidfast.data.cpu_pipeline import ClipDataset, CPULoader, TooManyBadSamples
+from avidfast.data.cpu_pipeline import BadTestVideo, ClipDataset, CPULoader, TooManyBadSamples
 from avidfast.data.manifest import read_manifest, write_manifest
 from avidfast.data.synthetic import make_dataset
 from avidfast.data.video import VideoConfig
@@ -113,21 +113,22 @@ def bad_manifest(tmp_path_factory):
     return str(folder / "m.csv")
 
 
-def test_each_bad_input_is_replaced_logged_and_counted(bad_manifest, caplog):
+def test_each_bad_input_is_reported_logged_and_counted_never_replaced_in_evaluation(bad_manifest, caplog):
     manifest = read_manifest(bad_manifest)
     kinds = [r["kind"] for r in manifest.rows]
     video = VideoConfig(frames=8, crop=32)  # 0.5 s clips, so the 2 s good files are long enough
     dataset = ClipDataset(manifest, video=video, mode="eval", clips_per_video=1)
     with caplog.at_level(logging.WARNING, logger="avidfast.data.cpu_pipeline"):
-        loader = CPULoader(dataset, batch_size=len(manifest), workers=0, max_bad_fraction=1.0)
+        loader = CPULoader(dataset, batch_size=len(manifest), workers=0, on_bad="exclude")
         (batch,) = list(loader)
-    _check_contract(batch, len(manifest), video, get_preset("table5"))
+    _check_contract(batch, len(manifest) - len(loader.bad_videos), video, get_preset("table5"))
     failed_paths = {os.path.basename(path) for path, _ in loader.bad_files}
     failed_kinds = {kinds[i] for i in range(len(kinds)) if manifest.rows[i]["path"] in failed_paths}
     unreadable = {"zero_byte", "truncated", "truncated_faststart", "no_audio", "no_video", "not_media", "too_short"}
     assert unreadable <= failed_kinds
     assert failed_kinds <= unreadable | {"mid_stream_corruption"}
-    # odd but valid inputs load as themselves
+    # every row is either read as itself, once, or reported: no video stands in for another
+    assert sorted(batch["index"].tolist() + loader.bad_videos) == list(range(len(manifest)))
     for kind in ("good", "multichannel", "odd_rate", "vfr", "odd_size", "vp9_webm", "mpeg4_mkv"):
         rows = [i for i, k in enumerate(kinds) if k == kind]
         assert set(rows) <= set(batch["index"].tolist()), kind
@@ -135,6 +136,8 @@ def test_each_bad_input_is_replaced_logged_and_counted(bad_manifest, caplog):
     for path, reason in loader.bad_files:
         assert any(path in message and reason in message for message in caplog.messages)
     assert set(BAD_MEDIA_EXPECTED) | {"good"} == set(kinds)
+    with pytest.raises(BadTestVideo, match="test video .* cannot be read"):  # the default: stop, naming it
+        list(CPULoader(dataset, batch_size=4, workers=0))
 
 
 def test_too_many_bad_samples_stop_the_epoch_with_advice(bad_manifest):

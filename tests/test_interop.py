@@ -360,7 +360,7 @@ def test_eval_linear_and_memory_run_on_a_reference_checkpoint(tiny_set, tmp_path
     result = json.loads((out / "results.json").read_text())
     assert result["checkpoint"]["preset"] == "table6" and result["checkpoint"]["width"] == 4
     assert result["num_classes"] == 2 and result["num_test_videos"] == 2
-    assert set(result["video_top1"]) == {"conv1", "block2", "block3", "block4", "block5", "pool"}
+    assert set(result["video_top1"]) == {"block1", "block2", "block3", "block4"}  # Table 1's blocks
     assert all(0 <= v <= 1 for v in result["video_top1"].values())
     code = cli_main(["eval", "memory", "--checkpoint", str(path), "--labels", tiny_set, "--epochs", "2",
                      "--out", str(tmp_path / "memory")])

@@ -210,3 +210,55 @@ def test_finetune_warmup_trains_the_classifier_alone_first(half_silent, tmp_path
     assert not torch.equal(seen[0][2], seen[1][2])  # while the classifier trains
     assert not torch.equal(seen[2][1][convs[0]], before[convs[0]])  # then the whole network trains
     assert result.num_train == 3 * 3 * 3  # 3 epochs (2 warm-up) of 3 batches of 3 (9 training videos)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """One step of Cross-AVID at width 4 on 4 audio-visual clips: an avidfast checkpoint to load."""
+    from avidfast.config import load_config
+    from avidfast.train.loop import train
+
+    root = tmp_path_factory.mktemp("ckpt")
+    manifest = make_dataset(str(root / "av"), num_videos=4, num_classes=2, seconds=2.0, size=(64, 48), workers=1)
+    cfg = load_config("demo", [f"data.manifest={manifest}", f"out_dir={root / 'train'}", "model.width=4",
+                               "optim.epochs=1", "optim.batch_size=4", "loss.num_negatives=2", "data.workers=0",
+                               "train.progress=false"])
+    train(cfg, max_steps=1)
+    return str(root / "train" / "checkpoints" / "last.pt")
+
+
+def test_folds_run_each_split_and_report_every_fold_and_mean_std(half_silent, checkpoint, tmp_path, capsys):
+    import statistics
+
+    rows = read_manifest(half_silent)
+    for fold in (1, 2):  # two splits of the 12 videos: a different third held out per fold
+        for split in ("train", "test"):
+            with open(tmp_path / f"{split}{fold}.csv", "w") as f:
+                f.write("path,label\n")
+                for i in range(len(rows)):
+                    if (i % 3 == fold - 1) == (split == "test"):
+                        f.write(f"{rows.path(i)},{rows.rows[i]['label']}\n")
+    out = tmp_path / "folds"
+    args = ["eval", "finetune", "demo-finetune", "--checkpoint", checkpoint, "--folds", "1", "2",
+            "--set", f"data.train_manifest={tmp_path}/train{{fold}}.csv",
+            "--set", f"data.test_manifest={tmp_path}/test{{fold}}.csv", "--set", f"out_dir={out}"]
+    for override in SMALL:
+        args += ["--set", override]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["folds"] == [1, 2] and "mean +- std" in printed
+    per_fold = {f: json.loads((out / f"fold-{f}" / "results.json").read_text()) for f in (1, 2)}
+    for f in (1, 2):
+        assert per_fold[f]["num_test_videos"] == 4 and per_fold[f]["num_test"] == 4 * CLIPS
+        assert summary["per_fold"][str(f)]["video_top1"] == per_fold[f]["video_top1"]
+    for key in ("clip_top1", "video_top1"):
+        values = [per_fold[f][key] for f in (1, 2)]
+        assert summary[key]["mean"] == pytest.approx(sum(values) / 2)
+        assert summary[key]["std"] == pytest.approx(statistics.stdev(values))
+    assert main(args) == 2  # the folder holds the summary: refused without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    no_field = ["eval", "finetune", "demo-finetune", "--checkpoint", checkpoint, "--folds", "1",
+                "--set", f"data.train_manifest={tmp_path}/train1.csv", "--set", f"out_dir={tmp_path / 'x'}"]
+    assert main(no_field) == 2
+    assert "do not contain {fold}" in capsys.readouterr().err

@@ -27,7 +27,7 @@ def add_config_options(parser: argparse.ArgumentParser, shipped) -> None:
                         help="run each fold N (UCF-101 / HMDB-51 official splits: 1 2 3): {fold} in "
                              "data.train_manifest / data.test_manifest becomes N, each run goes to "
                              "<run folder>/fold-N, and <run folder>/results.json gets every fold and mean +- std "
-                             "(None: one run on the manifests as given)")
+                             "(without it: one run on the manifests as given)")
 
 
 def run_config_command(args: argparse.Namespace, protocol: str) -> None:
