@@ -290,8 +290,8 @@ def test_cli_runs_end_to_end_and_matches_brute_force(trained, single_run):
     data = EvalDataSection(train_manifest=trained["train"], clips_per_video=2, workers=0)
     data.video.frames, data.video.crop = 4, 32
     cfg = EvalConfig(data=data)
-    clips = embed_clips(pretrained.model, test_loader(cfg, read_manifest(trained["held"]), None, batch_size=4),
-                        progress=False)
+    loader = test_loader(cfg, read_manifest(trained["held"]), None, batch_size=4, audio=True)
+    clips = embed_clips(pretrained.model, loader, progress=False)
     assert tuple(clips.video.shape) == (6, 128)
     want = brute_recall(clips.video.numpy(), clips.audio.numpy(), (1, 2), clips.index.numpy())
     for direction in ("v2a", "a2v"):

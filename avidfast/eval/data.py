@@ -89,18 +89,28 @@ def train_loader(cfg: EvalConfig, split: LabelledSplit, rank: int = 0, world: in
                      max_bad_fraction=cfg.data.max_bad_fraction)
 
 
+def _audio(cfg: EvalConfig):
+    from avidfast.data.audio import SpectrogramStats, get_preset
+
+    preset = get_preset(cfg.data.audio.preset)
+    stats = SpectrogramStats.load(cfg.data.audio.stats, preset) if cfg.data.audio.stats else None
+    return preset, stats
+
+
 def test_loader(cfg: EvalConfig, manifest: Manifest, classes: Optional[List[str]], rank: int = 0, world: int = 1,
-                batch_size: Optional[int] = None):
+                batch_size: Optional[int] = None, audio: bool = False):
     """``cfg.data.clips_per_video`` evenly spaced, centre-cropped clips of every video of ``manifest``
     (this rank's share), in order, every batch with ``clip`` and, with ``classes``, ``label``. Video
-    only, short videos padded (as :func:`train_loader`); a video is never replaced: an unreadable one
+    only, short videos padded (as :func:`train_loader`), unless ``audio`` (the cross-modal retrieval:
+    spectrograms of ``cfg.data.audio`` too, no padding). A video is never replaced: an unreadable one
     stops the run naming it, or with ``data.on_bad_test_video=exclude`` is left out (the loader's
     ``bad_videos`` / ``bad_files``; :func:`scored_test_clips` drops its clips)."""
     from avidfast.data.cpu_pipeline import ClipDataset, CPULoader
 
-    dataset = ClipDataset(manifest, video=cfg.data.video.to_video_config(), mode="eval",
-                          clips_per_video=cfg.data.clips_per_video, seed=cfg.seed, classes=classes, audio=False,
-                          pad_short=True)
+    preset, stats = _audio(cfg) if audio else ("table5", None)
+    dataset = ClipDataset(manifest, video=cfg.data.video.to_video_config(), audio_preset=preset, stats=stats,
+                          mode="eval", clips_per_video=cfg.data.clips_per_video, seed=cfg.seed, classes=classes,
+                          audio=audio, pad_short=not audio)
     return CPULoader(dataset, batch_size=batch_size or cfg.optim.batch_size, workers=cfg.data.workers, rank=rank,
                      world_size=world, drop_last=False, on_bad=cfg.data.on_bad_test_video)
 

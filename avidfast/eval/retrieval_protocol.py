@@ -175,7 +175,7 @@ def _retrieve(s: RetrievalSettings, cfg, pretrained, test: Manifest, train: Opti
     for key, manifest, option, path in (("test", test, "--manifest", s.manifest),
                                         ("train", train, "--train-manifest", s.train_manifest)):
         if manifest is not None:
-            loader = test_loader(cfg, manifest, classes, run.rank, run.world)
+            loader = test_loader(cfg, manifest, classes, run.rank, run.world, audio=True)
             if len(loader) == 0:
                 raise EvalError(f"{option} {path}: {len(manifest) * s.clips_per_video} clips leave process "
                                 f"{run.rank} of {run.world} none; run fewer processes")
