@@ -15,6 +15,7 @@ from avidfast.data.audio import DALI_PRESETS
 from avidfast.data.audio import PRESETS as AUDIO_PRESETS
 from avidfast.errors import AvidfastError
 from avidfast.losses.avid import MODES as AVID_MODES
+from avidfast.losses.bank_pair import PARTITIONS
 from avidfast.losses.memory_bank import STORAGE_DTYPES
 from avidfast.models.audio import AUDIO_PRESETS as AUDIO_NETWORKS
 from avidfast.models.av import PRESETS as MODEL_PRESETS
@@ -162,6 +163,8 @@ class LossSection:
     temperature: float = 0.07
     momentum: float = 0.5
     bank_dtype: str = "float32"
+    # shared: one partition constant Z for every term (the reference code's); per_pair: one per pair
+    partition: str = "shared"
     # a checkpoint of the paper's code (avidfast.checkpoints.reference): model, banks and Z start from it
     init_from_reference: Optional[str] = None
     # CMA only
@@ -228,6 +231,7 @@ class Config:
             "loss.kind": (self.loss.kind, LOSS_KINDS),
             "loss.mode": (self.loss.mode, tuple(AVID_MODES)),
             "loss.bank_dtype": (self.loss.bank_dtype, tuple(STORAGE_DTYPES)),
+            "loss.partition": (self.loss.partition, PARTITIONS),
             "loss.agreement": (self.loss.agreement, AGREEMENTS),
             "train.precision": (self.train.precision, PRECISIONS),
             "train.non_finite": (self.train.non_finite, NON_FINITE_STEPS),
