@@ -172,7 +172,11 @@ class LossSection:
     num_positives: int = 32
     num_negatives_within: int = 64
     agreement: str = "consensus"
+    # positive sets are re-mined every resample_every *reference epochs*; a reference epoch is
+    # reference_epoch_passes passes over the manifest (the reference code's clips_per_video: 5 on
+    # AudioSet, 10 on Kinetics). Mapped onto avidfast epochs by Config.resample_period_epochs.
     resample_every: int = 10
+    reference_epoch_passes: int = 1
 
 
 @dataclass
@@ -262,7 +266,10 @@ class Config:
                 "epochs from 1 on")
         if self.loss.kind == "cma":
             require(self.loss.num_positives >= 1, "loss.num_positives", self.loss.num_positives, "positive")
-            require(self.loss.resample_every >= 1, "loss.resample_every", self.loss.resample_every, "positive")
+            require(self.loss.resample_every >= 1, "loss.resample_every", self.loss.resample_every,
+                    "positive (reference epochs between minings)")
+            require(self.loss.reference_epoch_passes >= 1, "loss.reference_epoch_passes",
+                    self.loss.reference_epoch_passes, "positive (passes over the manifest per reference epoch)")
         self._check_audio_preset()
         if self.model.head_input_norm and self.optim.batch_size < 2:
             raise ConfigError("model.head_input_norm needs batch statistics: set optim.batch_size (per process) "
@@ -319,6 +326,17 @@ class Config:
                 fix += f", or --set loss.num_positives={num_items - 3} or less"
         raise ConfigError(f"loss.num_negatives={self.loss.num_negatives} does not fit {where}: it has {num_items} "
                           f"rows, and a clip's negatives are drawn from {pool} ({rule}); {fix}")
+
+    def resample_period_epochs(self, num_items: int) -> int:
+        """avidfast epochs between two minings of the CMA positive sets.
+
+        loss.resample_every counts the reference's epochs, each loss.reference_epoch_passes passes
+        over the ``num_items`` rows; an avidfast epoch reads optim.samples_per_epoch clips (default:
+        one pass). The period is the nearest whole number of avidfast epochs to the same number of
+        clips, at least 1: resample_every x reference_epoch_passes x num_items / clips per epoch.
+        """
+        clips = self.optim.samples_per_epoch if self.optim.samples_per_epoch is not None else num_items
+        return max(1, round(self.loss.resample_every * self.loss.reference_epoch_passes * num_items / clips))
 
     def check_epoch_size(self, num_items: int, world_size: int = 1) -> int:
         """Optimiser steps per epoch on every rank; ConfigError when an epoch would make none.

@@ -45,7 +45,8 @@ def build_criterion(cfg: Config, num_items: int, init: Optional[Dict] = None):
                             f"{num_items} rows: CMA must use the AVID run's manifest")
     return CMALoss.from_avid(
         init["criterion"], num_negatives=cfg.loss.num_negatives, num_negatives_within=cfg.loss.num_negatives_within,
-        num_positives=cfg.loss.num_positives, agreement=cfg.loss.agreement, resample_every=cfg.loss.resample_every,
+        num_positives=cfg.loss.num_positives, agreement=cfg.loss.agreement,
+        resample_every=cfg.resample_period_epochs(num_items),
         temperature=cfg.loss.temperature, momentum=cfg.loss.momentum, bank_dtype=dtype, seed=cfg.seed,
         partition=cfg.loss.partition,
     )

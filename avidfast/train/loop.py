@@ -345,6 +345,10 @@ def _starting_point(cfg: Config, num_items: int, record: Dict[str, Any], state: 
     elif cfg.loss.kind == "cma":
         init = {"criterion": state["criterion"]}
     criterion = build_criterion(cfg, num_items, init).to(device)
+    if cfg.loss.kind == "cma":
+        notes.append(f"positive sets re-mined every {criterion.resample_every} epochs: loss.resample_every="
+                     f"{cfg.loss.resample_every} reference epochs of {cfg.loss.reference_epoch_passes} passes over "
+                     f"{num_items} rows")
     if cfg.loss.kind == "avid" and init is not None:  # banks and Z of a reference checkpoint
         criterion.load_state_dict(init["criterion"])
     return model, criterion, notes
