@@ -270,7 +270,8 @@ def test_files_load_weights_only_and_refuse_pickled_objects_unless_trusted(tmp_p
 
 TINY_CMA = [
     "data.pipeline=cpu", "data.workers=0", "data.video.frames=4", "data.video.crop=32", "data.audio.preset=reference",
-    "model.width=4", "optim.batch_size=4", "optim.epochs=1", "optim.samples_per_epoch=null",
+    "model.width=4", "optim.batch_size=null", "optim.global_batch_size=4", "optim.epochs=1",
+    "optim.samples_per_epoch=null",
     "loss.num_negatives=4", "loss.num_negatives_within=2", "loss.num_positives=2", "loss.resample_every=1",
     "train.precision=fp32", "train.channels_last=false", "train.progress=false", "train.log_every=1",
     "train.keep_epochs=[]",

@@ -49,7 +49,7 @@ class AVIDLoss(BankPairLoss):
             estimate or embeddings are NaN or infinite (nothing is written either way).
         partition: "shared" (one Z for every pair) or "per_pair"; see BankPairLoss.
 
-    Buffers: see BankPairLoss (banks, Z per pair, step).
+    Buffers: see BankPairLoss (banks, Z (one entry per pair), step).
     """
 
     def __init__(
