@@ -15,6 +15,7 @@ from avidfast.data.audio import DALI_PRESETS
 from avidfast.data.audio import PRESETS as AUDIO_PRESETS
 from avidfast.errors import AvidfastError
 from avidfast.losses.avid import MODES as AVID_MODES
+from avidfast.losses.bank_pair import PARTITIONS
 from avidfast.losses.memory_bank import STORAGE_DTYPES
 from avidfast.models.audio import AUDIO_PRESETS as AUDIO_NETWORKS
 from avidfast.models.av import PRESETS as MODEL_PRESETS
@@ -122,10 +123,22 @@ class AudioSection:
     # table5: 129 x 100, table6: 257 x 200, reference: the released checkpoints' 257 x 200; its
     # frequency bins must be those of model.preset's audio network (validate checks)
     preset: str = "table5"
-    stats: Optional[str] = None  # .npz of `avidfast stats` (None: no Z-normalisation)
+    # .npz of `avidfast stats`; None: training computes them (TrainingAudioSection), evaluation
+    # does not normalise
+    stats: Optional[str] = None
     volume: Tuple[float, float] = (0.9, 1.1)
     max_offset: float = 0.5  # seconds between audio and video starts
     duration: Tuple[float, float] = (1.4, 2.8)  # seconds, resized back to the preset's frames
+
+
+@dataclass
+class TrainingAudioSection(AudioSection):
+    """The audio section of a training config: AudioSection, and whether to normalise."""
+
+    # true: Z-normalise each frequency bin with data.audio.stats; with stats null, the statistics are
+    # computed on first use and cached beside the manifest (MANIFEST.<preset>-stats.npz, reused after).
+    # false: train on un-normalised dB values
+    normalize: bool = True
 
 
 @dataclass
@@ -138,7 +151,7 @@ class DataSection:
     workers: int = 4  # DataLoader workers per process (DALI: threads)
     max_bad_fraction: float = 0.01  # stop when more samples of an epoch fail
     video: VideoSection = field(default_factory=VideoSection)
-    audio: AudioSection = field(default_factory=AudioSection)
+    audio: TrainingAudioSection = field(default_factory=TrainingAudioSection)
 
 
 @dataclass
@@ -162,6 +175,8 @@ class LossSection:
     temperature: float = 0.07
     momentum: float = 0.5
     bank_dtype: str = "float32"
+    # shared: one partition constant Z for every term (the reference code's); per_pair: one per pair
+    partition: str = "shared"
     # a checkpoint of the paper's code (avidfast.checkpoints.reference): model, banks and Z start from it
     init_from_reference: Optional[str] = None
     # CMA only
@@ -169,14 +184,20 @@ class LossSection:
     num_positives: int = 32
     num_negatives_within: int = 64
     agreement: str = "consensus"
+    # positive sets are re-mined every resample_every *reference epochs*; a reference epoch is
+    # reference_epoch_passes passes over the manifest (the reference code's clips_per_video: 5 on
+    # AudioSet, 10 on Kinetics). Mapped onto avidfast epochs by Config.resample_period_epochs.
     resample_every: int = 10
+    reference_epoch_passes: int = 1
 
 
 @dataclass
 class OptimSection:
     """Adam and the epoch structure of Table 3 (bs, lr, wd, ep, es)."""
 
-    batch_size: int = 32  # per process
+    batch_size: Optional[int] = 32  # clips per step and process (null when global_batch_size is set)
+    # clips per optimiser step over all processes: each of W processes takes global_batch_size / W
+    global_batch_size: Optional[int] = None
     lr: float = 5e-4
     weight_decay: float = 1e-5
     epochs: int = 400
@@ -228,18 +249,20 @@ class Config:
             "loss.kind": (self.loss.kind, LOSS_KINDS),
             "loss.mode": (self.loss.mode, tuple(AVID_MODES)),
             "loss.bank_dtype": (self.loss.bank_dtype, tuple(STORAGE_DTYPES)),
+            "loss.partition": (self.loss.partition, PARTITIONS),
             "loss.agreement": (self.loss.agreement, AGREEMENTS),
             "train.precision": (self.train.precision, PRECISIONS),
             "train.non_finite": (self.train.non_finite, NON_FINITE_STEPS),
         }
         positive = {
-            "optim.batch_size": self.optim.batch_size, "optim.epochs": self.optim.epochs,
+            "optim.epochs": self.optim.epochs,
             "data.video.frames": self.data.video.frames, "data.video.crop": self.data.video.crop,
             "model.width": self.model.width, "model.head_layers": self.model.head_layers,
             "loss.num_negatives": self.loss.num_negatives,
             "train.log_every": self.train.log_every, "train.max_skipped_steps": self.train.max_skipped_steps,
         }
         check_values(choices, positive)
+        self._check_batch_size()
         if self.optim.samples_per_epoch is not None and self.optim.samples_per_epoch < 1:
             raise ConfigError(f"optim.samples_per_epoch must be positive (or null: one pass over the manifest), got "
                               f"{self.optim.samples_per_epoch}; an epoch of no clips makes no step")
@@ -249,6 +272,9 @@ class Config:
                 "data.max_bad_fraction", self.data.max_bad_fraction, "in [0, 1]")
         check_video_section(self.data.video)
         check_audio_section(self.data.audio)
+        if not self.data.audio.normalize and self.data.audio.stats:
+            raise ConfigError(f"data.audio.normalize is false but data.audio.stats={self.data.audio.stats} is set: "
+                              "drop one (--set data.audio.stats=null to train on un-normalised dB values)")
         check_optim_values(self.optim)
         require(_number(self.loss.temperature) and self.loss.temperature > 0, "loss.temperature",
                 self.loss.temperature, "a positive number (the paper's: 0.07)")
@@ -258,11 +284,11 @@ class Config:
                 "epochs from 1 on")
         if self.loss.kind == "cma":
             require(self.loss.num_positives >= 1, "loss.num_positives", self.loss.num_positives, "positive")
-            require(self.loss.resample_every >= 1, "loss.resample_every", self.loss.resample_every, "positive")
+            require(self.loss.resample_every >= 1, "loss.resample_every", self.loss.resample_every,
+                    "positive (reference epochs between minings)")
+            require(self.loss.reference_epoch_passes >= 1, "loss.reference_epoch_passes",
+                    self.loss.reference_epoch_passes, "positive (passes over the manifest per reference epoch)")
         self._check_audio_preset()
-        if self.model.head_input_norm and self.optim.batch_size < 2:
-            raise ConfigError("model.head_input_norm needs batch statistics: set optim.batch_size (per process) "
-                              f"to 2 or more (got {self.optim.batch_size}), or model.head_input_norm=false")
         if self.loss.kind == "cma" and not 1 <= self.loss.num_negatives_within <= self.loss.num_negatives:
             raise ConfigError(f"loss.num_negatives_within={self.loss.num_negatives_within} must lie in [1, "
                               f"loss.num_negatives = {self.loss.num_negatives}] (the within-modal terms use a prefix "
@@ -275,6 +301,40 @@ class Config:
                               "--set loss.init_from=runs/avid/checkpoints/epoch_0200.pt (or, for a checkpoint "
                               "of the paper's code, loss.init_from_reference / --init-from-reference)")
         return self
+
+    def _check_batch_size(self) -> None:
+        """Exactly one of optim.batch_size (per process) and optim.global_batch_size, positive."""
+        per_process, total = self.optim.batch_size, self.optim.global_batch_size
+        if (per_process is None) == (total is None):
+            raise ConfigError(
+                "set exactly one of optim.batch_size (clips per process) and optim.global_batch_size (clips over all "
+                f"processes), got batch_size={per_process} and global_batch_size={total}; e.g. --set "
+                "optim.batch_size=null to keep the global batch")
+        key, value = ("optim.batch_size", per_process) if total is None else ("optim.global_batch_size", total)
+        if value < 1:
+            raise ConfigError(f"{key} must be positive, got {value}")
+        if per_process is not None:
+            self._check_batch_statistics(per_process)
+
+    def _check_batch_statistics(self, per_process: int) -> None:
+        if self.model.head_input_norm and per_process < 2:
+            raise ConfigError("model.head_input_norm needs batch statistics: a batch of 2 or more clips per process "
+                              f"(got {per_process}; optim.batch_size or optim.global_batch_size), or "
+                              "model.head_input_norm=false")
+
+    def per_process_batch(self, world_size: int = 1) -> int:
+        """Clips per step on each of ``world_size`` processes: optim.batch_size, or
+        optim.global_batch_size / world_size (ConfigError when it does not divide)."""
+        if self.optim.global_batch_size is None:
+            return self.optim.batch_size
+        total = self.optim.global_batch_size
+        if total % world_size:
+            fits = [w for w in range(1, min(total, 64) + 1) if total % w == 0]
+            raise ConfigError(f"optim.global_batch_size={total} does not divide over {world_size} processes: launch "
+                              f"{', '.join(map(str, fits[-6:]))} processes, or --set optim.global_batch_size="
+                              f"{max(world_size, total - total % world_size)} (a multiple of {world_size})")
+        self._check_batch_statistics(total // world_size)
+        return total // world_size
 
     def _check_audio_preset(self) -> None:
         """The spectrogram preset (data.audio.preset) must feed the network (model.preset) and the pipeline."""
@@ -316,26 +376,43 @@ class Config:
         raise ConfigError(f"loss.num_negatives={self.loss.num_negatives} does not fit {where}: it has {num_items} "
                           f"rows, and a clip's negatives are drawn from {pool} ({rule}); {fix}")
 
+    def resample_period_epochs(self, num_items: int) -> int:
+        """avidfast epochs between two minings of the CMA positive sets.
+
+        loss.resample_every counts the reference's epochs, each loss.reference_epoch_passes passes
+        over the ``num_items`` rows; an avidfast epoch reads optim.samples_per_epoch clips (default:
+        one pass). The period is the nearest whole number of avidfast epochs to the same number of
+        clips, at least 1: resample_every x reference_epoch_passes x num_items / clips per epoch.
+        """
+        clips = self.optim.samples_per_epoch if self.optim.samples_per_epoch is not None else num_items
+        return max(1, round(self.loss.resample_every * self.loss.reference_epoch_passes * num_items / clips))
+
     def check_epoch_size(self, num_items: int, world_size: int = 1) -> int:
         """Optimiser steps per epoch on every rank; ConfigError when an epoch would make none.
 
         An epoch reads optim.samples_per_epoch clips (default: the manifest's ``num_items`` rows),
         spread over ``world_size`` processes and padded so that each reads
         ceil(clips / world_size) (avidfast.data.sampling.ShardedEpochSampler); each process cuts
-        them into batches of optim.batch_size and drops the incomplete last one.
+        them into batches of :meth:`per_process_batch` and drops the incomplete last one.
         """
         clips = self.optim.samples_per_epoch if self.optim.samples_per_epoch is not None else num_items
         per_rank = -(-clips // world_size)
-        steps = per_rank // self.optim.batch_size
+        batch = self.per_process_batch(world_size)
+        steps = per_rank // batch
         if steps >= 1:
             return steps
         source = (f"optim.samples_per_epoch={clips}" if self.optim.samples_per_epoch is not None
                   else f"the {num_items} rows of the manifest (optim.samples_per_epoch is unset)")
         spread = (f" over {world_size} processes ({per_rank} each)" if world_size > 1 else "")
-        need = self.optim.batch_size * world_size
+        need = batch * world_size
+        if self.optim.global_batch_size is None:
+            batch_text, fix = f"optim.batch_size={batch} per process", f"optim.batch_size={per_rank}"
+        else:
+            batch_text = f"{batch} clips per process (optim.global_batch_size={self.optim.global_batch_size})"
+            fix = f"optim.global_batch_size={per_rank * world_size}"
         raise ConfigError(f"an epoch makes no training step: it reads {source}{spread}, fewer than one batch of "
-                          f"optim.batch_size={self.optim.batch_size} per process (the incomplete last batch is "
-                          f"dropped); --set optim.batch_size={per_rank} or less, or --set "
+                          f"{batch_text} (the incomplete last batch is "
+                          f"dropped); --set {fix} or less, or --set "
                           f"optim.samples_per_epoch={need} or more")
 
     @property

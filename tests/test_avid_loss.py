@@ -11,8 +11,9 @@ from avidfast.ops import reference
 TERMS = {"cross": ["v2a", "a2v"], "self": ["v2v", "a2a"], "joint": ["v2a", "a2v", "v2v", "a2a"]}
 
 
-def _plain_avid_step(state, video, audio, index, mode, num_items, k, t, m, seed, step):
-    """One AVID step written with the reference ops only: returns (loss, grads) and updates state."""
+def _plain_avid_step(state, video, audio, index, mode, num_items, k, t, m, seed, step, shared=False):
+    """One AVID step written with the reference ops only: returns (loss, grads) and updates state.
+    shared: one Z for every pair, the first pair's estimate."""
     video = video.detach().clone().requires_grad_()
     audio = audio.detach().clone().requires_grad_()
     emb = {"v": F.normalize(video, dim=1), "a": F.normalize(audio, dim=1)}
@@ -23,6 +24,8 @@ def _plain_avid_step(state, video, audio, index, mode, num_items, k, t, m, seed,
             reference.memory_scores(emb[term[0]].detach(), banks[term[2]], neg, t).exp().mean().item()
             for term in TERMS[mode]
         ]
+        if shared:
+            state["Z"] = [state["Z"][0]] * len(TERMS[mode])
     terms = [
         reference.nce_memory_loss(emb[term[0]], banks[term[2]], index, neg, t, state["Z"][i])
         for i, term in enumerate(TERMS[mode])
@@ -34,10 +37,11 @@ def _plain_avid_step(state, video, audio, index, mode, num_items, k, t, m, seed,
     return loss.detach(), video.grad, audio.grad
 
 
+@pytest.mark.parametrize("partition", ["shared", "per_pair"])
 @pytest.mark.parametrize("mode", ["cross", "self", "joint"])
-def test_matches_plain_formulation_over_steps(mode):
+def test_matches_plain_formulation_over_steps(mode, partition):
     num_items, k = 300, 50
-    loss_fn = AVIDLoss(num_items, dim=16, num_negatives=k, mode=mode, seed=11)
+    loss_fn = AVIDLoss(num_items, dim=16, num_negatives=k, mode=mode, seed=11, partition=partition)
     state = {"video": loss_fn.video_memory.memory.clone(), "audio": loss_fn.audio_memory.memory.clone(), "Z": None}
     for step in range(3):
         video = torch.randn(12, 16, requires_grad=True)
@@ -47,7 +51,7 @@ def test_matches_plain_formulation_over_steps(mode):
         loss, logs = loss_fn(video, audio, index)
         loss.backward()
         ref_loss, ref_vgrad, ref_agrad = _plain_avid_step(
-            state, video, audio, index, mode, num_items, k, 0.07, 0.5, 11, step
+            state, video, audio, index, mode, num_items, k, 0.07, 0.5, 11, step, shared=partition == "shared"
         )
         torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(video.grad, ref_vgrad, rtol=1e-4, atol=1e-6)
@@ -59,7 +63,10 @@ def test_matches_plain_formulation_over_steps(mode):
     # Z ~ N/e: a float32 mean of exponentials of about 1e2 agrees to a few ulps, not one.
     torch.testing.assert_close(estimated, torch.tensor(state["Z"], dtype=torch.float32), rtol=1e-5, atol=0)
     unused = [z for pair, z in zip(PAIRS, loss_fn.Z.tolist()) if pair not in TERMS[mode]]
-    assert all(z < 0 for z in unused), "a pair the mode does not use got a partition estimate"
+    if partition == "shared":
+        torch.testing.assert_close(loss_fn.Z, torch.full((4,), state["Z"][0]), rtol=1e-5, atol=0)  # one Z, every entry
+    else:
+        assert all(z < 0 for z in unused), "a pair the mode does not use got a partition estimate"
     assert int(loss_fn.step) == 3
 
 
@@ -100,7 +107,7 @@ def test_state_dict_resumes_exactly():
     for batch in data[:2]:
         first(*batch)
     resumed.load_state_dict(copy.deepcopy(first.state_dict()))
-    assert resumed._estimated == {"v2a", "a2v"}
+    assert resumed._estimated == set(PAIRS)
     resumed_losses = [resumed(*batch)[0] for batch in data[2:]]
     assert torch.equal(torch.stack(resumed_losses), torch.stack(losses[2:]))
     assert torch.equal(resumed.video_memory.memory, straight.video_memory.memory)
@@ -185,7 +192,7 @@ def test_a_non_finite_first_batch_leaves_z_unset_and_the_banks_untouched(bad):
     poisoned = video.clone()
     poisoned[3, 2] = bad
     with pytest.raises(NonFiniteError, match=r"AVIDLoss \(step 0\): the first estimates of the partition constant Z "
-                                             r"are not finite and positive \(v2a nan\): Z stays unset; the "
+                                             r"are not finite and positive \(nan, shared by every pair\): Z stays unset; the "
                                              r"banks, Z and the step counter are unchanged"):
         criterion(poisoned, audio, index)
     _assert_same_state(criterion, before)

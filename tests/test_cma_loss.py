@@ -18,19 +18,20 @@ def _plain_cma_step(state, video, audio, index, cfg, step):
     positives = state["positives"][index]
     neg = reference.sample_negatives(index, NUM_ITEMS, cfg["num_negatives"], cfg["seed"], step, positives)
     within = neg[:, : cfg["num_negatives_within"]]
-    for pair in PAIRS:
-        if pair not in state["Z"]:
-            scores = reference.memory_scores(emb[pair[0]].detach(), banks[pair[2]], neg, 0.07)
-            state["Z"][pair] = scores.exp().mean().item()
     weights = {k: cfg[k] for k in ("x_inst", "w_inst", "x_pos", "w_pos")}
     total = sum(weights.values())
     pairs = {"x_inst": ("v2a", "a2v"), "w_inst": ("v2v", "a2a"), "x_pos": ("v2a", "a2v"), "w_pos": ("v2v", "a2a")}
+    scored = {"x_inst": (index, neg), "w_inst": (index, neg), "x_pos": (positives, neg), "w_pos": (positives, within)}
+    if state["Z"] is None:  # one Z, from the first weighted term's first direction
+        first = next(name for name, w in weights.items() if w > 0)
+        pair = pairs[first][0]
+        state["Z"] = reference.memory_scores(emb[pair[0]].detach(), banks[pair[2]], scored[first][1], 0.07).exp().mean().item()
     loss = 0
     for name, w in weights.items():
         if w == 0:
             continue
-        pos, negs = (index, neg) if name.endswith("inst") else (positives, within)
-        directions = [reference.nce_memory_loss(emb[p[0]], banks[p[2]], pos, negs, 0.07, state["Z"][p]) for p in pairs[name]]
+        pos, negs = scored[name]
+        directions = [reference.nce_memory_loss(emb[p[0]], banks[p[2]], pos, negs, 0.07, state["Z"]) for p in pairs[name]]
         loss = loss + w / total * 0.5 * (directions[0] + directions[1])
     loss.backward()
     reference.memory_update_(state["video"], index, emb["v"].detach(), 0.5)
@@ -49,7 +50,7 @@ def test_matches_plain_formulation(weights):
     _, ref_topk = reference.cma_topk(cma.video_memory.memory, cma.audio_memory.memory, 6)
     assert torch.equal(cma.positives, ref_topk.sort(dim=1).values)
     state = {"video": cma.video_memory.memory.clone(), "audio": cma.audio_memory.memory.clone(),
-             "positives": cma.positives.clone(), "Z": {}}
+             "positives": cma.positives.clone(), "Z": None}
     for step in range(3):
         video, audio = torch.randn(10, DIM, requires_grad=True), torch.randn(10, DIM, requires_grad=True)
         index = torch.randperm(NUM_ITEMS)[:10]
@@ -78,11 +79,20 @@ def test_from_avid_takes_banks_partition_and_step():
     avid = AVIDLoss(NUM_ITEMS, DIM, num_negatives=40, seed=3, temperature=0.1)
     for _ in range(2):
         avid(torch.randn(8, DIM), torch.randn(8, DIM), torch.randperm(NUM_ITEMS)[:8])
+    assert (avid.Z > 0).all() and (avid.Z == avid.Z[0]).all(), "a shared Z fills every entry"
     for source in (avid, avid.state_dict()):
         cma = CMALoss.from_avid(source, num_negatives=50, num_negatives_within=10, num_positives=4)
         assert torch.equal(cma.video_memory.memory, avid.video_memory.memory)
         assert torch.equal(cma.Z, avid.Z) and int(cma.step) == 2
-        assert cma._estimated == {"v2a", "a2v"}
+        assert cma._estimated == set(PAIRS)
+    per_pair = AVIDLoss(NUM_ITEMS, DIM, num_negatives=40, seed=3, partition="per_pair")
+    per_pair(torch.randn(8, DIM), torch.randn(8, DIM), torch.randperm(NUM_ITEMS)[:8])
+    assert per_pair.Z[0] != per_pair.Z[1] and (per_pair.Z[2:] < 0).all()
+    shared = CMALoss.from_avid(per_pair.state_dict(), num_negatives=50, num_negatives_within=10, num_positives=4)
+    mean = per_pair.Z[:2].double().mean().float()  # the reference's rule for a checkpoint's constants
+    assert torch.equal(shared.Z, mean.expand(4)) and shared._estimated == set(PAIRS)
+    kept = CMALoss.from_avid(per_pair, num_negatives=50, num_negatives_within=10, num_positives=4)
+    assert kept.partition_mode == "per_pair" and torch.equal(kept.Z, per_pair.Z)
     assert CMALoss.from_avid(avid, num_negatives=50, num_negatives_within=10, num_positives=4).temperature == 0.1
     with pytest.raises(ValueError, match="not an AVIDLoss state_dict"):
         CMALoss.from_avid({"Z": avid.Z})

@@ -270,7 +270,8 @@ def test_files_load_weights_only_and_refuse_pickled_objects_unless_trusted(tmp_p
 
 TINY_CMA = [
     "data.pipeline=cpu", "data.workers=0", "data.video.frames=4", "data.video.crop=32", "data.audio.preset=reference",
-    "model.width=4", "optim.batch_size=4", "optim.epochs=1", "optim.samples_per_epoch=null",
+    "model.width=4", "optim.batch_size=null", "optim.global_batch_size=4", "optim.epochs=1",
+    "optim.samples_per_epoch=null",
     "loss.num_negatives=4", "loss.num_negatives_within=2", "loss.num_positives=2", "loss.resample_every=1",
     "train.precision=fp32", "train.channels_last=false", "train.progress=false", "train.log_every=1",
     "train.keep_epochs=[]",
@@ -367,3 +368,25 @@ def test_eval_linear_and_memory_run_on_a_reference_checkpoint(tiny_set, tmp_path
     assert code == 0
     memory = json.loads((tmp_path / "memory" / "results.json").read_text())
     assert len(memory["top1"]["combined"]) == 5
+
+
+def test_cma_from_an_avidfast_avid_stage_equals_cma_from_the_reference_file_of_it():
+    """The same banks and partition constant reach CMA the same way from either file."""
+    avid = AVIDLoss(40, 128, num_negatives=8, seed=2)
+    for step in range(2):
+        avid(torch.randn(6, 128), torch.randn(6, 128), torch.arange(6) + 6 * step)
+    ours = avid.state_dict()
+    reference = {"nce_average.view1_mem": ours["video_memory.memory"].clone(),
+                 "nce_average.view2_mem": ours["audio_memory.memory"].clone(),
+                 "criterion.avg_exp_score": ours["Z"][0].clone()}
+    _, state = reference_checkpoint(num_items=40)
+    state["train_criterion"] = reference
+    _, loss_state, _ = from_reference_state(state)
+    kwargs = dict(num_negatives=8, num_negatives_within=4, num_positives=3, seed=2)
+    from_ours, from_reference = CMALoss.from_avid(ours, **kwargs), CMALoss.from_avid(loss_state, **kwargs)
+    assert torch.equal(from_ours.Z, from_reference.Z) and (from_ours.Z == ours["Z"][0]).all()
+    from_reference.step.copy_(from_ours.step)  # the reference keeps no step counter; align the draws
+    video, audio, index = torch.randn(5, 128), torch.randn(5, 128), torch.arange(5)
+    for cma in (from_ours, from_reference):
+        cma.mine_positives(progress=False)
+    assert torch.equal(from_ours(video, audio, index)[0], from_reference(video, audio, index)[0])

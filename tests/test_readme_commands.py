@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
 VIDEOS, CLASSES = 8, 2
-TINY_TRAIN = ["model.width=4", "data.video.frames=4", "data.video.crop=32", "data.workers=0", "optim.batch_size=4",
-              "loss.num_negatives=4", "optim.epochs=1", "optim.samples_per_epoch=null", "train.progress=false",
+TINY_TRAIN = ["model.width=4", "data.video.frames=4", "data.video.crop=32", "data.workers=0", "optim.batch_size=null",
+              "optim.global_batch_size=4", "loss.num_negatives=4", "optim.epochs=1", "optim.samples_per_epoch=null", "train.progress=false",
               "train.precision=fp32", "train.channels_last=false", "train.log_every=1"]
 TINY_CMA = TINY_TRAIN + ["loss.num_negatives_within=2", "loss.num_positives=2", "loss.resample_every=1"]
 TINY_EVAL = ["data.video.frames=4", "data.video.crop=32", "data.workers=0", "data.clips_per_video=1", "optim.epochs=1",
@@ -140,6 +140,8 @@ COMMANDS: Dict[str, Run] = {
         Run(creates=("k400_train.csv",)),
     "avidfast manifest audioset balanced_train_segments.csv as_bal.csv --class-labels class_labels_indices.csv":
         Run(creates=("as_bal.csv",)),
+    "avidfast manifest audioset unbalanced_train_segments.csv as_100k.csv --subset unbalanced_train-100k.txt":
+        Run(creates=("as_100k.csv",)),
     "avidfast prepare ucf_train1.csv ucf_prepared/ --root UCF-101/":
         Run(append=QUIET_DATA, creates=("ucf_prepared/manifest.csv",)),
 }
@@ -239,6 +241,8 @@ def _workspace(root: Path) -> None:
     _copy(clip[0], root / "k400" / "videos" / "abseiling" / "---QUuC4vJs_000003_000013.mp4")
     _write(root / "balanced_train_segments.csv", AUDIOSET_EVAL)
     _write(root / "class_labels_indices.csv", AUDIOSET_CLASSES)
+    _write(root / "unbalanced_train_segments.csv", AUDIOSET_EVAL)
+    _write(root / "unbalanced_train-100k.txt", "-0BIyqJj9ZU_30000_40000.mp4\n--4gqARaEJE_0_10000.mp4\n")
     # the paper's checkpoints, in the reference implementation's layout, Table 6 networks at width 4
     _, state = reference_checkpoint(width=4, num_items=VIDEOS, partitions=(0.0123,), positives=2)
     torch.save(state, root / "AVID_Kinetics_Cross-N1024_checkpoint.pth.tar")

@@ -289,6 +289,8 @@ def test_cli_runs_end_to_end_and_matches_brute_force(trained, single_run):
     assert (video.frames, video.crop) == (4, 32)
     data = EvalDataSection(train_manifest=trained["train"], clips_per_video=2, workers=0)
     data.video.frames, data.video.crop = 4, 32
+    data.audio.stats = pretrained.train_config.data.audio.stats  # the training run's, as the command uses
+    assert data.audio.stats and os.path.isfile(data.audio.stats)
     cfg = EvalConfig(data=data)
     loader = test_loader(cfg, read_manifest(trained["held"]), None, batch_size=4, audio=True)
     clips = embed_clips(pretrained.model, loader, progress=False)

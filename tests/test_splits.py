@@ -7,7 +7,7 @@ import pytest
 from avidfast.cli import main
 from avidfast.data.manifest import read_manifest
 from avidfast.data.splits import (SplitFormatError, audioset_rows, drop_missing, hmdb51_rows, kinetics_rows,
-                                  read_audioset_classes, read_ucf101_classes, ucf101_rows)
+                                  random_rows, read_audioset_classes, read_ucf101_classes, ucf101_rows)
 
 
 def write(path, text):
@@ -405,6 +405,47 @@ def test_cli_audioset_writes_labels_column(tmp_path, capsys):
     assert not manifest.has_labels  # the single-label column stays absent
     assert main(["manifest", "audioset", csv_path, out, "--force", "--class-labels", csv_path]) == 2
     assert f"{csv_path}:1: expected the header 'index,mid,display_name'" in capsys.readouterr().err
+
+
+def test_cli_audioset_subset_from_a_list_keeps_the_lists_order(tmp_path, capsys):
+    csv_path = write(tmp_path / "unbalanced_train_segments.csv", AUDIOSET_EVAL)
+    # the AVID-CMA code's list format (clip file names), a bare id, a comment, an id the CSV lacks
+    listed = write(tmp_path / "train-100k.txt", "-0BIyqJj9ZU_30000_40000.mp4\n# a comment\n\n--4gqARaEJE\n"
+                                               "zzzzzzzzzzz_0_10000.mp4\n")
+    out = str(tmp_path / "subset.csv")
+    assert main(["manifest", "audioset", csv_path, out, "--subset", listed]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"AudioSet unbalanced_train_segments.csv, the 3 ids of {listed} in its order (1 not in the CSV and left out, "
+        f"first: zzzzzzzzzzz): 2 rows, 4 classes; wrote {out}")
+    assert [r["youtube_id"] for r in read_manifest(out).rows] == ["-0BIyqJj9ZU", "--4gqARaEJE"]
+    bad = write(tmp_path / "bad.txt", "--4gqARaEJE\nnot-an-id\n")
+    assert main(["manifest", "audioset", csv_path, str(tmp_path / "b.csv"), "--subset", bad]) == 2
+    assert f"{bad}:2: 'not-an-id' is neither a YouTube id" in capsys.readouterr().err
+    twice = write(tmp_path / "twice.txt", "--4gqARaEJE\n--4gqARaEJE_0_10000.mp4\n")
+    assert main(["manifest", "audioset", csv_path, str(tmp_path / "t.csv"), "--subset", twice]) == 2
+    assert "duplicate YouTube id '--4gqARaEJE' (first on line 1)" in capsys.readouterr().err
+    none = write(tmp_path / "none.txt", "zzzzzzzzzzz\n")
+    assert main(["manifest", "audioset", csv_path, str(tmp_path / "n.csv"), "--subset", none]) == 2
+    assert "none of its 1 YouTube ids is in" in capsys.readouterr().err
+
+
+def test_cli_audioset_random_subset_is_seeded(tmp_path, capsys):
+    csv_path = write(tmp_path / "unbalanced_train_segments.csv", AUDIOSET_EVAL)
+    drawn = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 5)):
+        out = str(tmp_path / f"{name}.csv")
+        assert main(["manifest", "audioset", csv_path, out, "--subset-size", "2", "--seed", str(seed)]) == 0
+        assert f"a random subset of 2 (seed {seed}): 2 rows" in capsys.readouterr().out
+        drawn[name] = [r["youtube_id"] for r in read_manifest(out).rows]
+    order = ["--4gqARaEJE", "--BfvyPmVMo", "-0BIyqJj9ZU"]
+    assert drawn["a"] == drawn["b"] and all(sorted(d, key=order.index) == d for d in drawn.values())
+    seeds = {tuple(rows[0]["youtube_id"] for rows in [random_rows(audioset_rows(csv_path), 1, seed)]) for seed in range(20)}
+    assert len(seeds) == 3, "the seed changes the draw"
+    assert main(["manifest", "audioset", csv_path, str(tmp_path / "x.csv"), "--subset-size", "4"]) == 2
+    assert "--subset-size 4: must lie in [1, 3]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["manifest", "audioset", csv_path, str(tmp_path / "y.csv"), "--subset-size", "2", "--subset", csv_path])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["manifest"], ["manifest", "ucf101"], ["manifest", "hmdb51"],

@@ -51,10 +51,32 @@ def test_table3_rows_hold_the_papers_hyper_parameters():
             "avid_s6_kinetics": (32, 2e-4, 1e-5, 300, 240_000), "cma_s5_audioset": (32, 5e-4, 1e-5, 200, 100_000),
             "cma_s6_audioset": (32, 5e-4, 1e-5, 200, 1_800_000), "cma_s6_kinetics": (32, 2e-4, 1e-5, 300, 240_000)}
     for name, (bs, lr, wd, ep, es) in rows.items():
-        o = load_config(name).optim
-        assert (o.batch_size, o.lr, o.weight_decay, o.epochs, o.samples_per_epoch) == (bs, lr, wd, ep, es), name
+        cfg = load_config(name)
+        o = cfg.optim
+        assert (cfg.per_process_batch(8), o.lr, o.weight_decay, o.epochs, o.samples_per_epoch) == (bs, lr, wd, ep, es), name
+        assert o.batch_size is None and o.global_batch_size == 8 * bs, name  # Table 3's bs per GPU, 8 GPUs
         v = load_config(name).data.video
         assert (v.min_area, v.flip, v.brightness, v.saturation, v.contrast, v.hue) == (0.08, 0.5, 0.4, 0.4, 0.4, 0.2)
+
+
+def test_a_global_batch_is_divided_over_the_processes_and_recorded(tiny_set, tmp_path):
+    import json
+
+    cfg = load_config("avid_s6_kinetics")
+    assert [cfg.per_process_batch(w) for w in (1, 2, 4, 8)] == [256, 128, 64, 32]
+    with pytest.raises(ConfigError, match=r"optim.global_batch_size=256 does not divide over 3 processes: launch .*8, "
+                                          r".*--set optim.global_batch_size=255 \(a multiple of 3\)"):
+        cfg.per_process_batch(3)
+    with pytest.raises(ConfigError, match="set exactly one of optim.batch_size .* and optim.global_batch_size"):
+        load_config("avid_s6_kinetics", ["optim.batch_size=32"])
+    with pytest.raises(ConfigError, match="set exactly one of"):
+        load_config("demo", ["optim.batch_size=null"])
+    with pytest.raises(ConfigError, match="optim.global_batch_size must be positive"):
+        load_config("demo", ["optim.batch_size=null", "optim.global_batch_size=0"])
+    run = tmp_path / "run"
+    train(_cfg(tiny_set, run, "optim.batch_size=null", "optim.global_batch_size=4", "optim.epochs=1"))
+    meta = json.loads((run / "meta.json").read_text())
+    assert (meta["batch_size_per_process"], meta["global_batch_size"], meta["world_size"]) == (4, 4, 1)
 
 
 def test_config_errors_name_the_key():
@@ -161,9 +183,29 @@ def test_cma_starts_from_an_avid_checkpoint(tiny_set, tmp_path):
     assert result.steps == 2
     cma = _final_state(tmp_path / "cma")
     assert (cma["criterion"]["positives"] >= 0).all()  # mined at the start
-    # the cross-modal partitions (v2a, a2v) carry over; the within-modal ones are estimated anew
-    assert torch.equal(cma["criterion"]["Z"][:2], avid["criterion"]["Z"][:2])
-    assert (cma["criterion"]["Z"][2:] > 0).all() and (avid["criterion"]["Z"][2:] < 0).all()
+    # the AVID stage's one partition constant serves every CMA term, unchanged
+    assert (avid["criterion"]["Z"] > 0).all() and (avid["criterion"]["Z"] == avid["criterion"]["Z"][0]).all()
+    assert torch.equal(cma["criterion"]["Z"], avid["criterion"]["Z"])
+    assert "positive sets re-mined every 10 epochs: loss.resample_every=10 reference epochs" in (
+        tmp_path / "cma" / "train.log").read_text()
+
+
+def test_cma_mining_period_is_counted_in_reference_epochs():
+    """resample_every counts the reference's epochs (reference_epoch_passes passes over the data):
+    the paper configs re-mine after as many clips as the reference does."""
+    rows = {"cma_s6_audioset": (1_784_108, 10 * 5, 50), "cma_s6_kinetics": (232_067, 5 * 10, 48),
+            "cma_s5_audioset": (100_000, 10 * 5, 50)}
+    for name, (num_items, passes, epochs) in rows.items():
+        cfg = load_config(name)
+        assert cfg.loss.resample_every * cfg.loss.reference_epoch_passes == passes, name
+        assert cfg.resample_period_epochs(num_items) == epochs, name
+        clips = epochs * cfg.optim.samples_per_epoch
+        assert abs(clips - passes * num_items) <= cfg.optim.samples_per_epoch / 2, name
+    plain = load_config("demo", ["loss.resample_every=3", "optim.samples_per_epoch=null"])
+    assert plain.loss.reference_epoch_passes == 1 and plain.resample_period_epochs(500) == 3
+    assert load_config("demo", ["loss.resample_every=1", "optim.samples_per_epoch=10000"]).resample_period_epochs(10) == 1
+    with pytest.raises(ConfigError, match="loss.reference_epoch_passes must be positive"):
+        load_config("cma_s5_audioset", ["loss.init_from=x.pt", "loss.reference_epoch_passes=0"])
 
 
 def test_sigterm_mid_epoch_leaves_a_loadable_checkpoint(tiny_set, tmp_path):
@@ -295,3 +337,37 @@ def test_cma_banks_take_the_configured_storage_dtype():
                          (cma.audio_memory.memory, avid.audio_memory.memory)):
         assert bank.dtype == torch.bfloat16
         torch.testing.assert_close(bank, source.to(torch.bfloat16))
+
+
+def test_spectrogram_statistics_are_computed_once_beside_the_manifest_or_refused(tmp_path, monkeypatch):
+    """Training never silently uses un-normalised dB values: no data.audio.stats means computing
+    them on first use, cached beside the manifest and reused; false normalisation is explicit."""
+    import yaml
+
+    import avidfast.train.audio_stats as audio_stats
+    from avidfast.data.audio import SpectrogramStats
+
+    manifest = make_dataset(str(tmp_path / "set"), num_videos=6, num_classes=2, seconds=2.0, seed=2, size=(64, 48),
+                            workers=1)
+    cache = os.path.splitext(manifest)[0] + ".table5-stats.npz"
+    calls = []
+    original = audio_stats.compute_stats
+    monkeypatch.setattr(audio_stats, "compute_stats", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    train(_cfg(manifest, tmp_path / "first", "optim.epochs=1"))
+    assert calls == [1] and os.path.isfile(cache)
+    assert SpectrogramStats.load(cache).mean.numel() == 129
+    saved = yaml.safe_load((tmp_path / "first" / "config.yaml").read_text())
+    assert saved["data"]["audio"]["stats"] == cache and saved["data"]["audio"]["normalize"] is True
+    train(_cfg(manifest, tmp_path / "second", "optim.epochs=1"))
+    assert calls == [1], "the cached statistics are reused"
+    plain = train(_cfg(manifest, tmp_path / "plain", "optim.epochs=1", "data.audio.normalize=false"))
+    assert plain.steps >= 1 and calls == [1]
+    assert yaml.safe_load((tmp_path / "plain" / "config.yaml").read_text())["data"]["audio"]["stats"] is None
+    with pytest.raises(ConfigError, match="data.audio.normalize is false but data.audio.stats=x.npz is set"):
+        _cfg(manifest, tmp_path / "x", "data.audio.normalize=false", "data.audio.stats=x.npz")
+    # a cache that cannot be written (here a folder in its place): an error naming the command, nothing trained
+    os.remove(cache)
+    os.mkdir(cache)
+    with pytest.raises(TrainingError, match=r"cannot be written: compute the statistics with `avidfast stats "):
+        train(_cfg(manifest, tmp_path / "refused", "optim.epochs=1"))
+    assert calls == [1] and not (tmp_path / "refused" / "checkpoints").exists()

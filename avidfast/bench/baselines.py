@@ -7,7 +7,7 @@ them, and an unfused NCE criterion turns the scores into a loss; the bank update
 index_select / mul / add / normalize / index_copy_. It computes the same loss as
 avidfast.losses.AVIDLoss (tests/test_bench.py checks this on shared negatives).
 """
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,7 @@ class GatherCrossAVID:
         self.sampler = AliasSampler(torch.ones(video_memory.shape[0], device=video_memory.device))
         self.num_negatives = num_negatives
         self.temperature, self.momentum = temperature, momentum
-        self.Z: Optional[Dict[str, torch.Tensor]] = None
+        self.Z: Optional[torch.Tensor] = None  # one partition constant for both directions, as the reference
 
     def sample(self, index: torch.Tensor) -> torch.Tensor:
         """(B, K + 1) indices: column 0 the positive, then K alias-method draws."""
@@ -82,9 +82,9 @@ class GatherCrossAVID:
         v, a = F.normalize(video_emb, dim=1), F.normalize(audio_emb, dim=1)
         v2a = self._scores(v, self.audio_memory, idx)
         a2v = self._scores(a, self.video_memory, idx)
-        if self.Z is None:
-            self.Z = {"v2a": v2a[:, 1:].detach().exp().mean(), "a2v": a2v[:, 1:].detach().exp().mean()}
-        return 0.5 * (self._nce(v2a, self.Z["v2a"]) + self._nce(a2v, self.Z["a2v"])), v, a
+        if self.Z is None:  # estimated from the first direction's negatives
+            self.Z = v2a[:, 1:].detach().exp().mean()
+        return 0.5 * (self._nce(v2a, self.Z) + self._nce(a2v, self.Z)), v, a
 
     @torch.no_grad()
     def update(self, index: torch.Tensor, v: torch.Tensor, a: torch.Tensor) -> None:

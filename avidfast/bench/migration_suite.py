@@ -72,7 +72,7 @@ def lemniscate_softmax(cfg: OpsBenchConfig, device: torch.device) -> Case:
 def cmc_two_view(cfg: OpsBenchConfig, device: torch.device) -> Case:
     """AVIDLoss(mode="cross") (twice its loss: CMC sums the views) vs CMC's two-view NCEAverage."""
     ours_loss = AVIDLoss(cfg.num_items, cfg.dim, cfg.negatives, mode="cross", bank_dtype=cfg.bank_dtype,
-                         seed=cfg.seed).to(device)
+                         seed=cfg.seed, partition="per_pair").to(device)
     peer = peers.PeerCMC(_same_memory_kind(ours_loss.video_memory.memory),
                          _same_memory_kind(ours_loss.audio_memory.memory), cfg.negatives)
     ours_batches, peer_batches = _batches(cfg, device, 2), _batches(cfg, device, 2)

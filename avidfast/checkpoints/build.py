@@ -36,7 +36,7 @@ def build_criterion(cfg: Config, num_items: int, init: Optional[Dict] = None):
     if cfg.loss.kind == "avid":
         return AVIDLoss(num_items, dim=cfg.model.embed_dim, num_negatives=cfg.loss.num_negatives,
                         temperature=cfg.loss.temperature, momentum=cfg.loss.momentum, mode=cfg.loss.mode,
-                        bank_dtype=dtype, seed=cfg.seed)
+                        bank_dtype=dtype, seed=cfg.seed, partition=cfg.loss.partition)
     if init is None:
         raise TrainingError("a CMA criterion needs the AVID checkpoint of loss.init_from")
     banks = init["criterion"]["video_memory.memory"]
@@ -45,8 +45,10 @@ def build_criterion(cfg: Config, num_items: int, init: Optional[Dict] = None):
                             f"{num_items} rows: CMA must use the AVID run's manifest")
     return CMALoss.from_avid(
         init["criterion"], num_negatives=cfg.loss.num_negatives, num_negatives_within=cfg.loss.num_negatives_within,
-        num_positives=cfg.loss.num_positives, agreement=cfg.loss.agreement, resample_every=cfg.loss.resample_every,
+        num_positives=cfg.loss.num_positives, agreement=cfg.loss.agreement,
+        resample_every=cfg.resample_period_epochs(num_items),
         temperature=cfg.loss.temperature, momentum=cfg.loss.momentum, bank_dtype=dtype, seed=cfg.seed,
+        partition=cfg.loss.partition,
     )
 
 

@@ -41,12 +41,12 @@ def _stats(args: argparse.Namespace) -> None:
     import logging
 
     from avidfast.data.audio import get_preset
-    from avidfast.data.stats import compute_stats
+    from avidfast.data.stats import compute_stats, default_stats_path
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     manifest = read_manifest(args.manifest, args.root)
     preset = get_preset(args.audio_preset)
-    out = args.out or f"{args.manifest.rsplit('.', 1)[0]}.{preset.name}-stats.npz"
+    out = args.out or default_stats_path(args.manifest, preset.name)
     _check_output_file(out, "--out" if args.out else "the statistics file")  # before the long part
     try:
         stats, failed = compute_stats(manifest, preset, workers=args.workers, max_seconds=args.max_seconds,

@@ -78,16 +78,27 @@ def _kinetics(args: argparse.Namespace) -> None:
 
 
 def _audioset(args: argparse.Namespace) -> None:
-    from avidfast.data.splits import audioset_rows, read_audioset_classes
+    from avidfast.data.splits import audioset_rows, random_rows, read_audioset_classes, read_youtube_ids, rows_of_ids
 
-    _refuse_overwrite(args.out, args.force, [args.csv, args.class_labels])
+    _refuse_overwrite(args.out, args.force, [args.csv, args.class_labels, args.subset])
+    what = f"AudioSet {os.path.basename(args.csv)}"
     try:
         names = read_audioset_classes(args.class_labels) if args.class_labels else None
         rows = audioset_rows(args.csv, args.pattern, names)
-    except ValueError as error:  # SplitFormatError, or a bad --pattern
+        if args.subset is not None:
+            ids = read_youtube_ids(args.subset)
+            rows, absent = rows_of_ids(rows, ids)
+            if not rows:
+                raise UserError(f"--subset {args.subset}: none of its {len(ids)} YouTube ids is in {args.csv} (first: "
+                                f"{ids[0]}); is it a list of this CSV's videos?")
+            what += (f", the {len(ids)} ids of {args.subset} in its order"
+                     + (f" ({len(absent)} not in the CSV and left out, first: {absent[0]})" if absent else ""))
+        elif args.subset_size is not None:
+            rows = random_rows(rows, args.subset_size, args.seed)
+            what += f", a random subset of {args.subset_size} (seed {args.seed})"
+    except ValueError as error:  # SplitFormatError, or a bad --pattern / --subset-size
         raise UserError(str(error)) from None
-    _write(args, rows, ["path", "labels", "youtube_id", "time_start", "time_end"],
-           f"AudioSet {os.path.basename(args.csv)}")
+    _write(args, rows, ["path", "labels", "youtube_id", "time_start", "time_end"], what)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -155,11 +166,22 @@ def register(commands) -> None:
                     "joined by ';' (MIDs, or display names with --class-labels); also youtube_id, "
                     "time_start, time_end. File names come from --pattern, a Python format string with "
                     "fields {youtube_id}, {start_ms}, {end_ms} (int milliseconds), {time_start}, "
-                    "{time_end} (float seconds) and {split} (the CSV's name without _segments.csv).",
+                    "{time_end} (float seconds) and {split} (the CSV's name without _segments.csv). "
+                    "--subset or --subset-size keep a subset, e.g. the 100 K videos of the paper's sections 4 "
+                    "and 5.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     aus.add_argument("csv", metavar="CSV", help="segment CSV")
     _common(aus)
     aus.add_argument("--pattern", default=AUDIOSET_PATTERN, help="file name of a clip, relative to the video folder")
     aus.add_argument("--class-labels", metavar="CSV", help="class_labels_indices.csv to name the classes (None: MIDs)")
+    subset = aus.add_mutually_exclusive_group()
+    subset.add_argument("--subset", metavar="FILE",
+                        help="keep only the videos FILE lists (one YouTube id, or a clip name <id>_<start_ms>_<end_ms>"
+                             ".mp4, per line, e.g. the AVID-CMA code's unbalanced_train-100k.txt), in FILE's order "
+                             "(None: every segment)")
+    subset.add_argument("--subset-size", type=int, metavar="N",
+                        help="keep a random subset of N segments drawn with --seed, in the CSV's order (None: every "
+                             "segment)")
+    aus.add_argument("--seed", type=int, default=0, help="seed of the --subset-size draw")
     aus.set_defaults(handler=_audioset)

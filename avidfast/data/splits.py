@@ -30,6 +30,7 @@ import csv
 import io
 import math
 import os
+import random
 import re
 import string
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -46,6 +47,8 @@ _KINETICS_REQUIRED = ("youtube_id", "time_start", "time_end", "split")
 _KINETICS_OPTIONAL = ("label", "is_cc")
 _HMDB_FILE = re.compile(r"^(?P<action>.+)_test_split(?P<fold>[123])\.txt$")
 _YOUTUBE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+# a listed video: an 11-character YouTube id, alone or as a clip name <id>_<start_ms>_<end_ms>
+_LISTED_VIDEO = re.compile(r"^(?P<id>[A-Za-z0-9_-]{11})(?:_\d+_\d+)?$")
 
 Row = Dict[str, object]
 
@@ -426,6 +429,53 @@ def audioset_rows(csv_path: str, pattern: str = AUDIOSET_PATTERN,
 
 
 # ----------------------------------------------------------------------------- existence check
+
+
+def read_youtube_ids(path: str) -> List[str]:
+    """The YouTube ids a text file lists, in its order: one per line, either the id itself or a
+    clip file name ``<id>_<start_ms>_<end_ms>.mp4`` (folders and extension dropped), as in the
+    AVID-CMA code's ``unbalanced_train-100k.txt``; blank lines and ``# ...`` lines are skipped.
+    SplitFormatError (FILE:LINE) on anything else or a repeated id."""
+    ids: List[str] = []
+    seen: Dict[str, int] = {}
+    for line, text in _lines(path):
+        if text.startswith("#"):
+            continue
+        where = f"{path}:{line}"
+        token = text.split()[0]
+        match = _LISTED_VIDEO.match(os.path.basename(token).split(".")[0])
+        if match is None:
+            raise SplitFormatError(f"{where}: '{token}' is neither a YouTube id (11 letters, digits, _ or -) nor a "
+                                   "clip name <id>_<start_ms>_<end_ms>[.mp4]")
+        _claim(seen, match.group("id"), line, where, "YouTube id")
+        ids.append(match.group("id"))
+    if not ids:
+        raise SplitFormatError(f"{path}: no YouTube ids (only comment lines)")
+    return ids
+
+
+def rows_of_ids(rows: Sequence[Row], ids: Sequence[str]) -> Tuple[List[Row], List[str]]:
+    """(the rows whose youtube_id is in ``ids``, in the order of ``ids``; the ids without a row)."""
+    by_id: Dict[str, List[Row]] = {}
+    for row in rows:
+        by_id.setdefault(row["youtube_id"], []).append(row)
+    kept: List[Row] = []
+    absent: List[str] = []
+    for youtube_id in ids:
+        if youtube_id in by_id:
+            kept.extend(by_id[youtube_id])
+        else:
+            absent.append(youtube_id)
+    return kept, absent
+
+
+def random_rows(rows: Sequence[Row], size: int, seed: int) -> List[Row]:
+    """``size`` rows drawn without replacement by Python's ``random.Random(seed)``, kept in their
+    order in ``rows``: the same subset for the same rows and seed. ValueError when size is not in
+    [1, len(rows)]."""
+    if not 1 <= size <= len(rows):
+        raise ValueError(f"--subset-size {size}: must lie in [1, {len(rows)}] (the rows of the CSV)")
+    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), size))]
 
 
 def drop_missing(rows: Sequence[Row], video_dir: str) -> Tuple[List[Row], List[str]]:

@@ -31,6 +31,12 @@ def _file_stats(task: Tuple[str, Optional[float], str, float]) -> Tuple[str, Opt
         return path, None, f"{type(error).__name__}: {error}"
 
 
+def default_stats_path(manifest_path: str, preset_name: str) -> str:
+    """Where `avidfast stats` writes, and training looks for, the statistics of a manifest:
+    the manifest's path without its extension + ``.<preset>-stats.npz``."""
+    return f"{manifest_path.rsplit('.', 1)[0]}.{preset_name}-stats.npz"
+
+
 def compute_stats(
     manifest: Manifest,
     preset: audio_ops.SpectrogramPreset,

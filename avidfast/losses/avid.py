@@ -20,8 +20,9 @@ class AVIDLoss(BankPairLoss):
 
     Each step: L2-normalise both embeddings; draw `num_negatives` indices per row uniformly from
     all instances but the row's own (seeded by (seed, step), one draw shared by all terms); on
-    the first step estimate each pair's partition constant Z as the mean of exp(negative scores)
-    (over all ranks); compute each pair's NCE (positive: the row's own slot) and average the
+    the first step estimate the partition constant Z as the mean of exp(negative scores) over all
+    ranks (``partition="shared"``, the reference's: one Z from the first pair of the mode, v2a or
+    v2v, used by every pair; ``"per_pair"``: one estimate per pair); compute each pair's NCE (positive: the row's own slot) and average the
     pairs with equal weights; then, without gradient, update both banks with (index, v, a)
     all-gathered from every rank, in rank order (repeated indices: batch order), store the new Z
     and advance the step.
@@ -46,8 +47,9 @@ class AVIDLoss(BankPairLoss):
         seed: seeds the initial banks and the negative draws.
         non_finite: "raise" or "skip": what forward does with a batch whose loss, first Z
             estimate or embeddings are NaN or infinite (nothing is written either way).
+        partition: "shared" (one Z for every pair) or "per_pair"; see BankPairLoss.
 
-    Buffers: see BankPairLoss (banks, Z per pair, step).
+    Buffers: see BankPairLoss (banks, Z (one entry per pair), step).
     """
 
     def __init__(
@@ -61,10 +63,12 @@ class AVIDLoss(BankPairLoss):
         bank_dtype: torch.dtype = torch.float32,
         seed: int = 0,
         non_finite: str = "raise",
+        partition: str = "shared",
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-        super().__init__(num_items, dim, num_negatives, temperature, momentum, bank_dtype, seed, non_finite)
+        super().__init__(num_items, dim, num_negatives, temperature, momentum, bank_dtype, seed, non_finite,
+                         partition)
         self.mode = mode
         self.pairs = MODES[mode]
 
@@ -90,7 +94,7 @@ class AVIDLoss(BankPairLoss):
         negatives = sample_negatives(
             index, self.num_items, self.num_negatives, self.seed, self.step, row_offset=layout.offset
         )
-        partitions = self.estimate_partitions(self.pairs, embeddings, negatives)
+        partitions = self.estimate_partitions([(pair, negatives) for pair in self.pairs], embeddings)
         weight = 1.0 / len(self.pairs)
         terms = {pair: (weight, self.pair_loss(pair, embeddings, index, negatives, partitions)) for pair in self.pairs}
         loss, logs = weighted_terms(terms)
@@ -100,5 +104,5 @@ class AVIDLoss(BankPairLoss):
         return (
             f"mode={self.mode}, num_items={self.num_items}, dim={self.dim}, "
             f"num_negatives={self.num_negatives}, temperature={self.temperature}, "
-            f"momentum={self.momentum}, seed={self.seed}"
+            f"momentum={self.momentum}, partition={self.partition_mode}, seed={self.seed}"
         )

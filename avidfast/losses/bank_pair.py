@@ -5,7 +5,7 @@ the forward pass and applied by :meth:`BankPairLoss.commit` only when everything
 finite (docs/method.md, "Non-finite steps").
 """
 import logging
-from typing import Dict, Iterable, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 # A pair scores one modality's embeddings ("v" video, "a" audio) against one modality's bank:
 # "v2a" = video embeddings against the audio bank. Each pair has its own partition estimate Z.
 PAIRS = ("v2a", "a2v", "v2v", "a2a")
+# How the partition constants are kept: "shared", one Z for every pair (the reference code's single
+# NCE criterion), or "per_pair", one estimate per pair.
+PARTITIONS = ("shared", "per_pair")
 # What a forward pass does with a batch whose loss or state change is not finite.
 NON_FINITE = ("raise", "skip")
 
@@ -36,11 +39,17 @@ class PendingUpdate(NamedTuple):
 
 
 class BankPairLoss(nn.Module):
-    """Video and audio memory banks with per-pair partition estimates and a step counter.
+    """Video and audio memory banks with partition estimates and a step counter.
 
     Buffers (in state_dict, so that a checkpoint resumes exactly): video_memory.memory and
-    audio_memory.memory (N, D); Z (4,), one per pair of PAIRS, <= 0 until estimated; step, an
+    audio_memory.memory (N, D); Z (4,), one entry per pair of PAIRS, <= 0 until estimated; step, an
     int64 scalar that seeds each step's negative draws (the number of updates applied).
+
+    Partition constants (``partition``): "shared" (default, the reference code's) keeps one Z for
+    every pair, estimated on the first step from the first term the loss scores (its first pair,
+    over that term's negatives) and written into all four entries; a state_dict whose estimated
+    entries differ (a "per_pair" checkpoint) is loaded as their mean, as the reference loads the
+    partition constants of a checkpoint. "per_pair" estimates each pair's Z on its first use.
 
     Each forward pass computes the loss against the current banks and *stages* the step's state
     change (:class:`PendingUpdate`): the all-gathered update of both banks, the Z of pairs used
@@ -53,10 +62,13 @@ class BankPairLoss(nn.Module):
     """
 
     def __init__(self, num_items: int, dim: int, num_negatives: int, temperature: float,
-                 momentum: float, bank_dtype: torch.dtype, seed: int, non_finite: str = "raise"):
+                 momentum: float, bank_dtype: torch.dtype, seed: int, non_finite: str = "raise",
+                 partition: str = "shared"):
         super().__init__()
         if non_finite not in NON_FINITE:
             raise ValueError(f"non_finite must be one of {NON_FINITE}, got {non_finite!r}")
+        if partition not in PARTITIONS:
+            raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
         if not isinstance(num_negatives, int) or not 1 <= num_negatives < num_items - 1:
             raise ValueError(
                 f"num_negatives must be an int in [1, num_items - 2] = [1, {num_items - 2}], "
@@ -76,6 +88,7 @@ class BankPairLoss(nn.Module):
         self.momentum = float(momentum)
         self.seed = int(seed)
         self.non_finite = non_finite
+        self.partition_mode = partition
         self.skipped_updates = 0  # batches whose state change was refused (non_finite="skip")
         self._pending: Optional[PendingUpdate] = None
         self.register_buffer("Z", torch.full((len(PAIRS),), -1.0))
@@ -111,23 +124,40 @@ class BankPairLoss(nn.Module):
         return {"v": F.normalize(video_emb, dim=1), "a": F.normalize(audio_emb, dim=1)}
 
     @torch.no_grad()
-    def estimate_partitions(self, pairs: Iterable[str], embeddings: Dict[str, torch.Tensor],
-                            negatives: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """New partition estimates of the pairs in ``pairs`` that have none yet: the mean of
-        exp(negative scores) over all ranks (one all-reduce), as float32 scalars, identical on
-        every rank. They are not stored here: :meth:`commit` stores them when they are finite and
-        positive (so a non-finite first batch leaves Z unset); pairs already estimated keep theirs."""
-        missing = [pair for pair in dict.fromkeys(pairs) if pair not in self._estimated]
-        if not missing:
+    def estimate_partitions(self, uses: Sequence[Tuple[str, torch.Tensor]],
+                            embeddings: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """New partition estimates for the pairs that have none yet, from the step's scores.
+
+        Args:
+            uses: (pair, negatives (B, K_t)) of every term direction, in the order the loss scores
+                them. "shared": when Z is unset, the first use gives the one estimate, returned for
+                every pair of PAIRS. "per_pair": each unestimated pair, from its first use.
+            embeddings: {"v": (B, D), "a": (B, D)} normalised embeddings.
+
+        Returns:
+            pair -> float32 scalar, the mean of exp(negative scores) over all ranks (one
+            all-reduce), identical on every rank. Not stored here: :meth:`commit` stores them
+            when finite and positive (so a non-finite first batch leaves Z unset).
+        """
+        if self.partition_mode == "shared":
+            targets = [] if self._estimated else list(uses[:1])
+        else:
+            first: Dict[str, torch.Tensor] = {}
+            for pair, negatives in uses:
+                first.setdefault(pair, negatives)
+            targets = [(pair, negatives) for pair, negatives in first.items() if pair not in self._estimated]
+        if not targets:
             return {}
         banks = self.banks()
-        sums = [
-            banks[pair[2]].scores(embeddings[pair[0]], negatives, self.temperature).exp().sum(dtype=torch.float64)
-            for pair in missing
-        ]
-        count = torch.tensor(float(negatives.numel()), dtype=torch.float64, device=negatives.device)
-        totals = all_reduce_sum(torch.stack(sums + [count]))
-        return {pair: (total / totals[-1]).to(self.Z.dtype) for pair, total in zip(missing, totals[:-1])}
+        sums = [banks[pair[2]].scores(embeddings[pair[0]], negatives, self.temperature).exp().sum(dtype=torch.float64)
+                for pair, negatives in targets]
+        counts = [torch.tensor(float(negatives.numel()), dtype=torch.float64, device=negatives.device)
+                  for _, negatives in targets]
+        totals = all_reduce_sum(torch.stack(sums + counts))
+        estimates = {pair: (totals[i] / totals[len(targets) + i]).to(self.Z.dtype) for i, (pair, _) in enumerate(targets)}
+        if self.partition_mode == "shared":
+            return {pair: estimates[targets[0][0]] for pair in PAIRS}
+        return estimates
 
     def pair_loss(self, pair: str, embeddings: Dict[str, torch.Tensor], pos_idx: torch.Tensor,
                   neg_idx: torch.Tensor, partitions: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
@@ -204,12 +234,14 @@ class BankPairLoss(nn.Module):
         self.step += 1
         return None
 
-    @staticmethod
-    def _refusal(pending: PendingUpdate) -> Optional[str]:
+    def _refusal(self, pending: PendingUpdate) -> Optional[str]:
         bad = {pair: z for pair, z in pending.partitions.items() if not _usable_partition(z)}
         if not bad:
             return None
-        values = ", ".join(f"{pair} {float(z):g}" for pair, z in bad.items())
+        if self.partition_mode == "shared":
+            values = f"{float(next(iter(bad.values()))):g}, shared by every pair"
+        else:
+            values = ", ".join(f"{pair} {float(z):g}" for pair, z in bad.items())
         return f"the first estimates of the partition constant Z are not finite and positive ({values}): Z stays unset"
 
     def _refuse(self, reason: str) -> None:
@@ -242,4 +274,9 @@ def weighted_terms(terms: Dict[str, Tuple[float, torch.Tensor]]) -> Tuple[torch.
 
 def _refresh_estimated_pairs(module: BankPairLoss, incompatible_keys) -> None:
     module._pending = None  # a staged change belongs to the state it was computed from
+    if module.partition_mode == "shared":
+        estimated = module.Z[module.Z > 0]
+        if estimated.numel():
+            with torch.no_grad():
+                module.Z.fill_(float(estimated.double().mean()))  # the reference's rule: the mean of the constants
     module._estimated = {pair for pair, z in zip(PAIRS, module.Z.tolist()) if z > 0}

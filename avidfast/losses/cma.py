@@ -27,25 +27,33 @@ class CMALoss(BankPairLoss):
 
     Positive sets: P_i, the `num_positives` instances j != i whose memories agree most with i's
     (avidfast.ops.cma_topk; "consensus" = min of video and audio similarity), re-mined every
-    `resample_every` epochs (set_epoch). Each step draws `num_negatives` negatives per row
-    uniformly from all instances but i and P_i, and combines four terms, each the mean of its two
-    directions, with weights normalised to sum 1:
-      x_inst: v_i vs the audio bank and a_i vs the video bank, positive the instance itself;
-      w_inst: v_i vs the video bank and a_i vs the audio bank, positive the instance itself;
-      x_pos:  cross-modal, positives P_i (their NCE terms averaged), first K_w negatives;
-      w_pos:  within-modal, positives P_i, first K_w negatives (the paper: V[p] for p in P_i).
-    The defaults (x_inst = w_pos = 1) are the paper's 0.5 / 0.5 mix. Banks, Z and the step are
-    updated as in AVID, only when finite (``non_finite``, ``commit``: see AVIDLoss).
+    `resample_every` calls of set_epoch (epochs of the caller). Each step draws `num_negatives` (K)
+    negatives per row uniformly from all instances but P_i and i itself (the reference excludes
+    P_i only; docs/method.md), and combines four terms, each the mean of its two directions, with
+    weights normalised to sum 1:
+      x_inst: v_i vs the audio bank and a_i vs the video bank, positive the instance itself, K negatives;
+      w_inst: v_i vs the video bank and a_i vs the audio bank, positive the instance itself, K negatives;
+      x_pos:  cross-modal, positives P_i (their NCE terms averaged), all K negatives;
+      w_pos:  within-modal, positives P_i, the first K_w negatives (the paper: V[p] for p in P_i).
+    The defaults (x_inst = w_pos = 1) are the paper's 0.5 / 0.5 mix. Partition constant: with
+    ``partition="shared"`` (default, the reference's) one Z serves every term: the AVID stage's
+    (from_avid), or else estimated on the first step from the first weighted term's first
+    direction (x_inst: v2a, w_inst: v2v, x_pos: v2a, w_pos: v2v over the first K_w negatives).
+    Banks, Z and the step are updated as in AVID, only when finite (``non_finite``, ``commit``:
+    see AVIDLoss).
 
     Args:
         num_items, dim, num_negatives, temperature, momentum, bank_dtype, seed: as AVIDLoss.
-        num_negatives_within: K_w, negatives of the positive-set terms (a prefix of the K).
+        num_negatives_within: K_w, negatives of the within-modal positive-set term w_pos (a
+            prefix of the K).
         num_positives: k, the size of each positive set.
         agreement: "consensus", "union", "video" or "audio".
-        resample_every: epochs between re-mining the positive sets.
+        resample_every: set_epoch calls (epochs) between re-minings of the positive sets (the
+            trainer maps the config's reference epochs onto its own; docs/method.md).
         x_inst, w_inst, x_pos, w_pos: term weights (normalised to sum 1; zero drops a term).
         precision: cma_topk's precision for mining ("highest", or "high" to allow TF32 on CUDA).
         non_finite: "raise" or "skip" (see AVIDLoss).
+        partition: "shared" (one Z for every term) or "per_pair" (see BankPairLoss).
 
     Buffers: those of BankPairLoss, plus positives (N, k) int64, each row sorted ascending
     (-1 until mined) and positives_epoch (int64, the epoch they were mined at, -1 before).
@@ -70,6 +78,7 @@ class CMALoss(BankPairLoss):
         bank_dtype: torch.dtype = torch.float32,
         precision: str = "highest",
         non_finite: str = "raise",
+        partition: str = "shared",
     ):
         if agreement not in AGREEMENTS:
             raise ValueError(f"agreement must be one of {AGREEMENTS}, got {agreement!r}")
@@ -92,7 +101,8 @@ class CMALoss(BankPairLoss):
             raise ValueError(f"term weights must be finite, >= 0 and not all zero, got {weights}")
         if precision not in ("highest", "high"):
             raise ValueError(f"precision must be 'highest' or 'high', got {precision!r}")
-        super().__init__(num_items, dim, num_negatives, temperature, momentum, bank_dtype, seed, non_finite)
+        super().__init__(num_items, dim, num_negatives, temperature, momentum, bank_dtype, seed, non_finite,
+                         partition)
         total = sum(weights.values())
         self.weights = {name: w / total for name, w in weights.items() if w > 0}
         self.num_negatives_within = num_negatives_within
@@ -109,15 +119,20 @@ class CMALoss(BankPairLoss):
     def from_avid(cls, avid: Union[AVIDLoss, Mapping[str, torch.Tensor]], **kwargs) -> "CMALoss":
         """A CMALoss starting from an AVID stage: its banks, partition estimates Z and step.
 
+        With partition="shared", Z is the mean of the AVID stage's estimated constants, the rule
+        the reference applies to its checkpoints, so an avidfast AVID checkpoint and a released
+        reference one (avidfast.checkpoints.reference) start CMA the same way.
+
         Args:
             avid: an AVIDLoss, or its state_dict (e.g. checkpoint["criterion"]).
             **kwargs: CMALoss arguments; num_items and dim come from the banks, and with an
-                AVIDLoss its temperature, momentum, seed and non_finite are the defaults.
+                AVIDLoss its temperature, momentum, seed, non_finite and partition are the defaults.
         """
         if isinstance(avid, AVIDLoss):
             state = avid.state_dict()
             for name in ("temperature", "momentum", "seed", "non_finite"):
                 kwargs.setdefault(name, getattr(avid, name))
+            kwargs.setdefault("partition", avid.partition_mode)
         else:
             state = dict(avid)
         missing = [key for key in ("video_memory.memory", "audio_memory.memory", "Z", "step") if key not in state]
@@ -195,12 +210,17 @@ class CMALoss(BankPairLoss):
         negatives = sample_negatives(
             index, self.num_items, self.num_negatives, self.seed, self.step, positives, row_offset=layout.offset
         )
-        within = negatives[:, : self.num_negatives_within]
-        partitions = self.estimate_partitions([pair for name in self.weights for pair in TERMS[name]], embeddings,
-                                              negatives)
+        scored = {  # each term's positives and negatives
+            "x_inst": (index, negatives),
+            "w_inst": (index, negatives),
+            "x_pos": (positives, negatives),
+            "w_pos": (positives, negatives[:, : self.num_negatives_within]),
+        }
+        partitions = self.estimate_partitions(
+            [(pair, scored[name][1]) for name in self.weights for pair in TERMS[name]], embeddings)
         terms = {}
         for name, weight in self.weights.items():
-            pos, neg = (index, negatives) if name.endswith("inst") else (positives, within)
+            pos, neg = scored[name]
             directions = [self.pair_loss(pair, embeddings, pos, neg, partitions) for pair in TERMS[name]]
             terms[name] = (weight, 0.5 * (directions[0] + directions[1]))
         loss, logs = weighted_terms(terms)
@@ -212,7 +232,8 @@ class CMALoss(BankPairLoss):
             f"num_items={self.num_items}, dim={self.dim}, num_negatives={self.num_negatives}, "
             f"num_negatives_within={self.num_negatives_within}, num_positives={self.num_positives}, "
             f"agreement={self.agreement}, resample_every={self.resample_every}, {weights}, "
-            f"temperature={self.temperature}, momentum={self.momentum}, seed={self.seed}"
+            f"temperature={self.temperature}, momentum={self.momentum}, partition={self.partition_mode}, "
+            f"seed={self.seed}"
         )
 
 

@@ -34,6 +34,7 @@ from avidfast.config import Config
 from avidfast.distributed import init_from_env
 from avidfast.errors import TrainingError
 from avidfast.ops import check_errors
+from avidfast.train.audio_stats import training_stats_path
 from avidfast.train.metrics import MetricsSink
 from avidfast.train.run_folder import (TRAIN_RESULTS, check_writable_folder, held_results, replace_stale_logs,
                                        setup_logging, write_run_files)
@@ -100,7 +101,7 @@ def build_loader(cfg: Config, manifest, rank: int, world: int, device: torch.dev
         if device.type != "cuda":
             raise TrainingError("data.pipeline=dali needs a GPU; use --set data.pipeline=cpu on this machine")
         return build_dali_loader(
-            manifest, video=video, audio_preset=preset, stats=stats, batch_size=cfg.optim.batch_size,
+            manifest, video=video, audio_preset=preset, stats=stats, batch_size=cfg.per_process_batch(world),
             mode="train", seed=cfg.seed, rank=rank, world_size=world, device_id=device.index or 0,
             num_threads=max(1, cfg.data.workers), jitter=jitter, samples_per_epoch=cfg.optim.samples_per_epoch,
             max_bad_fraction=cfg.data.max_bad_fraction,
@@ -109,7 +110,7 @@ def build_loader(cfg: Config, manifest, rank: int, world: int, device: torch.dev
 
     dataset = ClipDataset(manifest, video=video, audio_preset=preset, stats=stats, mode="train", jitter=jitter,
                           seed=cfg.seed)
-    return CPULoader(dataset, batch_size=cfg.optim.batch_size, workers=cfg.data.workers, rank=rank,
+    return CPULoader(dataset, batch_size=cfg.per_process_batch(world), workers=cfg.data.workers, rank=rank,
                      world_size=world, samples_per_epoch=cfg.optim.samples_per_epoch,
                      max_bad_fraction=cfg.data.max_bad_fraction)
 
@@ -238,12 +239,15 @@ def train(cfg: Config, *, resume: bool = False, max_steps: Optional[int] = None,
         start_epoch, skip_batches = _restore(state, model, criterion, optimizer, scaler, last_path, cfg)
         notes.append(f"resumed from {last_path}: epoch {start_epoch}, {skip_batches} batches done")
     net = _wrap(model, cfg, world, local_rank, device)
+    cfg.data.audio.stats = training_stats_path(cfg, manifest, rank)  # recorded in the run's config
     loader = build_loader(cfg, manifest, rank, world, device)
     stale = replace_stale_logs(cfg.run_dir) if state is None and rank == 0 else []
     log = setup_logging(cfg.run_dir, rank)
     if rank == 0:
         write_run_files(cfg.run_dir, cfg.to_dict(), {"seed": cfg.seed, "world_size": world, "resumed": resume,
-                                                     "num_items": len(manifest), "manifest": record})
+                                                     "num_items": len(manifest), "manifest": record,
+                                                     "batch_size_per_process": cfg.per_process_batch(world),
+                                                     "global_batch_size": cfg.per_process_batch(world) * world})
     for note in notes:
         log.info("%s", note)
     if stale:
@@ -345,6 +349,10 @@ def _starting_point(cfg: Config, num_items: int, record: Dict[str, Any], state: 
     elif cfg.loss.kind == "cma":
         init = {"criterion": state["criterion"]}
     criterion = build_criterion(cfg, num_items, init).to(device)
+    if cfg.loss.kind == "cma":
+        notes.append(f"positive sets re-mined every {criterion.resample_every} epochs: loss.resample_every="
+                     f"{cfg.loss.resample_every} reference epochs of {cfg.loss.reference_epoch_passes} passes over "
+                     f"{num_items} rows")
     if cfg.loss.kind == "avid" and init is not None:  # banks and Z of a reference checkpoint
         criterion.load_state_dict(init["criterion"])
     return model, criterion, notes
