@@ -93,6 +93,34 @@ def check_optim_values(optim: Any, prefix: str = "optim") -> None:
             "epochs from 1 on (the lr changes after that many epochs)")
 
 
+def check_batch_fields(optim: Any, prefix: str = "optim") -> None:
+    """Exactly one of ``batch_size`` (clips per process) and ``global_batch_size`` (clips over all
+    processes) of an optimisation section is set, and it is positive (ConfigError naming it)."""
+    per_process, total = optim.batch_size, optim.global_batch_size
+    if (per_process is None) == (total is None):
+        raise ConfigError(
+            f"set exactly one of {prefix}.batch_size (clips per process) and {prefix}.global_batch_size (clips over "
+            f"all processes), got batch_size={per_process} and global_batch_size={total}; e.g. --set "
+            f"{prefix}.batch_size=null to keep the global batch")
+    key, value = (f"{prefix}.batch_size", per_process) if total is None else (f"{prefix}.global_batch_size", total)
+    if value < 1:
+        raise ConfigError(f"{key} must be positive, got {value}")
+
+
+def split_batch(optim: Any, world_size: int, prefix: str = "optim") -> int:
+    """Clips per step and process: ``optim.batch_size``, or ``optim.global_batch_size / world_size``
+    (ConfigError naming the launch sizes that divide it when it does not)."""
+    if optim.global_batch_size is None:
+        return optim.batch_size
+    total = optim.global_batch_size
+    if total % world_size:
+        fits = [w for w in range(1, min(total, 64) + 1) if total % w == 0]
+        raise ConfigError(f"{prefix}.global_batch_size={total} does not divide over {world_size} processes: launch "
+                          f"{', '.join(map(str, fits[-6:]))} processes, or --set {prefix}.global_batch_size="
+                          f"{max(world_size, total - total % world_size)} (a multiple of {world_size})")
+    return total // world_size
+
+
 @dataclass
 class VideoSection:
     """Video clips and their training augmentation (Table 3; sizes of Table 5 / 6)."""
@@ -304,17 +332,9 @@ class Config:
 
     def _check_batch_size(self) -> None:
         """Exactly one of optim.batch_size (per process) and optim.global_batch_size, positive."""
-        per_process, total = self.optim.batch_size, self.optim.global_batch_size
-        if (per_process is None) == (total is None):
-            raise ConfigError(
-                "set exactly one of optim.batch_size (clips per process) and optim.global_batch_size (clips over all "
-                f"processes), got batch_size={per_process} and global_batch_size={total}; e.g. --set "
-                "optim.batch_size=null to keep the global batch")
-        key, value = ("optim.batch_size", per_process) if total is None else ("optim.global_batch_size", total)
-        if value < 1:
-            raise ConfigError(f"{key} must be positive, got {value}")
-        if per_process is not None:
-            self._check_batch_statistics(per_process)
+        check_batch_fields(self.optim)
+        if self.optim.batch_size is not None:
+            self._check_batch_statistics(self.optim.batch_size)
 
     def _check_batch_statistics(self, per_process: int) -> None:
         if self.model.head_input_norm and per_process < 2:
@@ -325,16 +345,9 @@ class Config:
     def per_process_batch(self, world_size: int = 1) -> int:
         """Clips per step on each of ``world_size`` processes: optim.batch_size, or
         optim.global_batch_size / world_size (ConfigError when it does not divide)."""
-        if self.optim.global_batch_size is None:
-            return self.optim.batch_size
-        total = self.optim.global_batch_size
-        if total % world_size:
-            fits = [w for w in range(1, min(total, 64) + 1) if total % w == 0]
-            raise ConfigError(f"optim.global_batch_size={total} does not divide over {world_size} processes: launch "
-                              f"{', '.join(map(str, fits[-6:]))} processes, or --set optim.global_batch_size="
-                              f"{max(world_size, total - total % world_size)} (a multiple of {world_size})")
-        self._check_batch_statistics(total // world_size)
-        return total // world_size
+        per_process = split_batch(self.optim, world_size)
+        self._check_batch_statistics(per_process)
+        return per_process
 
     def _check_audio_preset(self) -> None:
         """The spectrogram preset (data.audio.preset) must feed the network (model.preset) and the pipeline."""

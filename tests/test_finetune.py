@@ -11,6 +11,7 @@ import torch
 
 from avidfast.cli import main
 from avidfast.data.synthetic import make_dataset
+from avidfast.config import ConfigError
 from avidfast.eval.config import load_eval_config
 from avidfast.eval.finetune import FinetuneClassifier, run_finetune
 from avidfast.checkpoints.pretrained import load_pretrained
@@ -73,10 +74,28 @@ def test_cli_runs_end_to_end_from_a_checkpoint(pretrained, cli_run):
     assert len(saved["train_loss"]) == len(saved["train_top1"]) == len(saved["lr"]) == 1
     assert saved["train_loss"][0] > 0 and saved["lr"] == [pytest.approx(3e-4)]
     assert saved["settings"]["classes"] == ["0", "1", "2"] and saved["settings"]["dropout"] == 0.5
+    assert saved["settings"]["batch_size_per_process"] == saved["settings"]["global_batch_size"] == 4
+    meta = json.loads((out_dir / "meta.json").read_text())
+    assert meta["batch_size_per_process"] == meta["global_batch_size"] == 4 and meta["world_size"] == 1
     assert glob.glob(str(out_dir / "tb" / "events.out.tfevents.*"))
     weights = torch.load(saved["weights"], map_location="cpu", weights_only=True)
     assert weights["classes"] == ["0", "1", "2"] and weights["model"]["classifier.weight"].shape[0] == NUM_CLASSES
     assert any(k.startswith("encoder.") for k in weights["model"])
+
+
+@pytest.mark.parametrize("name, total", [("ucf101-8x224", 32), ("hmdb51-32x224", 16), ("kinetics-linear-8x224", 128)])
+def test_paper_eval_configs_state_the_global_batch(name, total):
+    """Table 4's bs is the batch over all processes (the reference divides it by its GPU count)."""
+    cfg = load_eval_config(name, ["data.train_manifest=train.csv"])
+    assert cfg.optim.batch_size is None and cfg.optim.global_batch_size == total
+    assert [cfg.per_process_batch(w) for w in (1, 2, 4)] == [total, total // 2, total // 4]
+    with pytest.raises(ConfigError, match=f"optim.global_batch_size={total} does not divide over 3 processes"):
+        cfg.per_process_batch(3)
+    with pytest.raises(ConfigError, match="set exactly one of optim.batch_size .* and optim.global_batch_size"):
+        load_eval_config(name, ["data.train_manifest=train.csv", "optim.batch_size=8"])
+    per_process = load_eval_config(name, ["data.train_manifest=train.csv", "optim.batch_size=8",
+                                          "optim.global_batch_size=null"])
+    assert per_process.per_process_batch(4) == 8
 
 
 def _run(cfg, encoder, out_dir):

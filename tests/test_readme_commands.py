@@ -38,7 +38,7 @@ TINY_TRAIN = ["model.width=4", "data.video.frames=4", "data.video.crop=32", "dat
               "train.precision=fp32", "train.channels_last=false", "train.log_every=1"]
 TINY_CMA = TINY_TRAIN + ["loss.num_negatives_within=2", "loss.num_positives=2", "loss.resample_every=1"]
 TINY_EVAL = ["data.video.frames=4", "data.video.crop=32", "data.workers=0", "data.clips_per_video=1", "optim.epochs=1",
-             "optim.batch_size=4", "optim.samples_per_epoch=null", "run.progress=false", "run.device=cpu"]
+             "optim.global_batch_size=4", "optim.samples_per_epoch=null", "run.progress=false", "run.device=cpu"]
 QUIET_DATA = ["--workers", "0", "--quiet"]
 
 

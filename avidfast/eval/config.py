@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 from avidfast.config import (PACKAGE_CONFIGS, AudioSection, ConfigError, VideoSection, build_typed,
-                             check_audio_section, check_optim_values, check_values, check_video_section, read_tree,
-                             shipped_configs)
+                             check_audio_section, check_batch_fields, check_optim_values, check_values,
+                             check_video_section, read_tree, shipped_configs, split_batch)
 
 EVAL_CONFIGS = os.path.join(PACKAGE_CONFIGS, "eval")
 PROTOCOLS = ("linear", "finetune")
@@ -43,7 +43,9 @@ class EvalDataSection:
 class EvalOptimSection:
     """Optimisation of Table 4 (bs, lr, wd, ep, es, gm, mls); Kinetics linear-probe defaults."""
 
-    batch_size: int = 32
+    batch_size: Optional[int] = 32  # clips per step and process (null when global_batch_size is set)
+    # clips per step over all processes: each of W processes takes global_batch_size / W (the paper's configs)
+    global_batch_size: Optional[int] = None
     lr: float = 1e-4
     weight_decay: float = 0.0
     epochs: int = 20
@@ -95,6 +97,11 @@ class EvalConfig:
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     run: RunSection = field(default_factory=RunSection)
 
+    def per_process_batch(self, world_size: int = 1) -> int:
+        """Clips per step on each of ``world_size`` processes: optim.batch_size, or
+        optim.global_batch_size / world_size (ConfigError when it does not divide)."""
+        return split_batch(self.optim, world_size)
+
     def validate(self) -> "EvalConfig":
         """Checks values that types alone do not; returns self."""
         choices = {
@@ -107,12 +114,13 @@ class EvalConfig:
             "data.audio.preset": (self.data.audio.preset, ("table5", "table6", "reference")),
         }
         positive = {
-            "optim.batch_size": self.optim.batch_size, "optim.epochs": self.optim.epochs,
+            "optim.epochs": self.optim.epochs,
             "data.clips_per_video": self.data.clips_per_video, "data.video.frames": self.data.video.frames,
             "data.video.crop": self.data.video.crop, "run.log_every": self.run.log_every,
         }
         check_values(choices, positive)
         check_optim_values(self.optim)
+        check_batch_fields(self.optim)
         if not 0 < self.data.test_fraction < 1:
             raise ConfigError(f"data.test_fraction must be between 0 and 1, got {self.data.test_fraction}")
         if not 0 <= self.finetune.dropout < 1:

@@ -76,7 +76,7 @@ def labelled_split(cfg: EvalConfig) -> LabelledSplit:
 
 def train_loader(cfg: EvalConfig, split: LabelledSplit, rank: int = 0, world: int = 1):
     """Augmented training clips of ``split.train`` (Table 4 augmentation of ``cfg.data.video``),
-    ``cfg.optim.samples_per_epoch`` per epoch, batches of ``cfg.optim.batch_size`` per process.
+    ``cfg.optim.samples_per_epoch`` per epoch, batches of ``cfg.per_process_batch(world)`` per process.
     Video only (no audio is decoded; files without sound are fine); clips of videos shorter than a
     clip are padded by repeating their frames (the reference's evaluation clips); an unreadable
     video is replaced as in pre-training (``cfg.data.max_bad_fraction``)."""
@@ -84,7 +84,7 @@ def train_loader(cfg: EvalConfig, split: LabelledSplit, rank: int = 0, world: in
 
     dataset = ClipDataset(split.train, video=cfg.data.video.to_video_config(), mode="train", seed=cfg.seed,
                           classes=split.classes, audio=False, pad_short=True)
-    return CPULoader(dataset, batch_size=cfg.optim.batch_size, workers=cfg.data.workers, rank=rank,
+    return CPULoader(dataset, batch_size=cfg.per_process_batch(world), workers=cfg.data.workers, rank=rank,
                      world_size=world, samples_per_epoch=cfg.optim.samples_per_epoch,
                      max_bad_fraction=cfg.data.max_bad_fraction)
 
@@ -111,7 +111,7 @@ def test_loader(cfg: EvalConfig, manifest: Manifest, classes: Optional[List[str]
     dataset = ClipDataset(manifest, video=cfg.data.video.to_video_config(), audio_preset=preset, stats=stats,
                           mode="eval", clips_per_video=cfg.data.clips_per_video, seed=cfg.seed, classes=classes,
                           audio=audio, pad_short=not audio)
-    return CPULoader(dataset, batch_size=batch_size or cfg.optim.batch_size, workers=cfg.data.workers, rank=rank,
+    return CPULoader(dataset, batch_size=batch_size or cfg.per_process_batch(world), workers=cfg.data.workers, rank=rank,
                      world_size=world, drop_last=False, on_bad=cfg.data.on_bad_test_video)
 
 

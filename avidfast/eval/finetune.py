@@ -188,8 +188,9 @@ def run_finetune(cfg: EvalConfig, video_encoder: torch.nn.Module, run: EvalRun) 
     num_classes = len(split.classes)
     loader = train_loader(cfg, split, run.rank, run.world)
     if len(loader) == 0:
-        raise EvalError(f"{cfg.data.train_manifest}: fewer training clips than one batch of {cfg.optim.batch_size} "
-                         "per process; lower optim.batch_size")
+        raise EvalError(f"{cfg.data.train_manifest}: fewer training clips than one batch of "
+                         f"{cfg.per_process_batch(run.world)} per process; lower optim.batch_size (or "
+                         "optim.global_batch_size)")
     encoder = copy.deepcopy(video_encoder)
     for p in encoder.parameters():
         p.requires_grad_(True)
@@ -272,13 +273,14 @@ def run_finetune(cfg: EvalConfig, video_encoder: torch.nn.Module, run: EvalRun) 
         clip_top1=float((scores_all.argmax(dim=1) == label_all).double().mean()) if label_all.numel() else 0.0,
         video_top1=video_level_accuracy(scores_all, scored.index, label_all) if label_all.numel() else 0.0,
         train_loss=train_loss, train_top1=train_top1, lr=lrs, chance=1.0 / num_classes, num_classes=num_classes,
-        num_train=(cfg.finetune.warmup_epochs + cfg.optim.epochs) * len(loader) * cfg.optim.batch_size * run.world,
+        num_train=(cfg.finetune.warmup_epochs + cfg.optim.epochs) * len(loader) * cfg.per_process_batch(run.world) * run.world,
         num_test=summary["num_test"], num_test_videos=summary["num_test_videos"],
         warmup_loss=warmup_loss, warmup_top1=warmup_top1,
         num_excluded_test_videos=summary["num_excluded_test_videos"],
         excluded_test_videos=summary["excluded_test_videos"],
         seconds=time.perf_counter() - started, weights=weights,
-        settings={"protocol": "finetune", "epochs": cfg.optim.epochs, "batch_size": cfg.optim.batch_size,
+        settings={"protocol": "finetune", "epochs": cfg.optim.epochs, "batch_size_per_process": cfg.per_process_batch(run.world),
+                  "global_batch_size": cfg.per_process_batch(run.world) * run.world,
                   "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay, "optimizer": cfg.optim.optimizer,
                   "samples_per_epoch": cfg.optim.samples_per_epoch, "milestones": list(cfg.optim.milestones),
                   "gamma": cfg.optim.gamma, "dropout": cfg.finetune.dropout, "freeze_bn": cfg.finetune.freeze_bn,

@@ -130,8 +130,9 @@ def run_linear_eval(cfg: EvalConfig, encoder: torch.nn.Module, run: EvalRun) -> 
         p.requires_grad_(False)
     loader = train_loader(cfg, split, run.rank, run.world)
     if len(loader) == 0:
-        raise EvalError(f"{cfg.data.train_manifest}: fewer training clips than one batch of {cfg.optim.batch_size} "
-                         "per process; lower optim.batch_size")
+        raise EvalError(f"{cfg.data.train_manifest}: fewer training clips than one batch of "
+                         f"{cfg.per_process_batch(run.world)} per process; lower optim.batch_size (or "
+                         "optim.global_batch_size)")
     clip_shape = (3, cfg.data.video.frames, cfg.data.video.crop, cfg.data.video.crop)
     dims = probe_feature_sizes(encoder, clip_shape, variant, blocks)
     torch.manual_seed(cfg.seed)
@@ -227,10 +228,12 @@ def run_linear_eval(cfg: EvalConfig, encoder: torch.nn.Module, run: EvalRun) -> 
     return LinearProbeResult(
         blocks=blocks, clip_top1=clip_top1, video_top1=video_top1, train_top1=train_top1, train_loss=train_loss,
         best_block=best, chance=1.0 / num_classes, num_classes=num_classes,
-        num_train=cfg.optim.epochs * len(loader) * cfg.optim.batch_size * run.world,
+        num_train=cfg.optim.epochs * len(loader) * cfg.per_process_batch(run.world) * run.world,
         num_test=summary["num_test"], num_test_videos=summary["num_test_videos"],
         seconds=time.perf_counter() - started,
-        settings={"protocol": "linear", "variant": variant, "backbone_bn": cfg.linear.backbone_bn,
+        settings={"protocol": "linear", "variant": variant,
+                  "batch_size_per_process": cfg.per_process_batch(run.world),
+                  "global_batch_size": cfg.per_process_batch(run.world) * run.world, "backbone_bn": cfg.linear.backbone_bn,
                   "epochs": cfg.optim.epochs, "lr": cfg.optim.lr, "milestones": list(cfg.optim.milestones),
                   "gamma": cfg.optim.gamma, "clips_per_video": cfg.data.clips_per_video, "classes": split.classes,
                   "grids": {b: list(REFERENCE_GRIDS[b]) for b in blocks} if variant == "reference" else None},

@@ -171,8 +171,11 @@ def run_config_protocol(cfg, checkpoint: str, *, random_init: bool = False, trus
     _check_manifests(cfg)
     pretrained = load_pretrained(checkpoint, random_init=random_init, seed=cfg.seed, trust=trust)
     run_dir = cfg.out_dir or default_run_dir(cfg.name, random_init)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the batch must divide before a folder is made
+    per_process = cfg.per_process_batch(world)
     run = start_run(run_dir, cfg.to_dict(), cfg.run.device, cfg.run.precision,
-                    {"checkpoint": pretrained.info, "protocol": cfg.protocol}, cfg.seed, overwrite=overwrite)
+                    {"checkpoint": pretrained.info, "protocol": cfg.protocol, "batch_size_per_process": per_process,
+                     "global_batch_size": per_process * world}, cfg.seed, overwrite=overwrite)
     try:
         result = runner(cfg, pretrained.model.video, run)
     except AvidfastError:
