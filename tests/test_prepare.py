@@ -14,7 +14,9 @@ from avidfast.data.prepare import records as prepare_records
 from avidfast.data.prepare.pool import WorkerPool
 from avidfast.data.probe import probe, probe_header, reject_reason
 from avidfast.data.synthetic import class_style, make_dataset
-from media import BAD_MEDIA_EXPECTED, crash_task, make_bad_media, make_clip, real_clips, sleep_task, tree_snapshot
+from media import (
+    BAD_MEDIA_EXPECTED, crash_task, make_bad_media, make_clip, make_mixed_media, real_clips, sleep_task, tree_snapshot,
+)
 
 MIN = 1.0  # min_seconds of these tests: too_short (0.5 s) is the only clip below it
 
@@ -135,8 +137,9 @@ def test_prepare_folder(tmp_path, bad):
     summary = prepare(folder, out, workers=0, min_seconds=MIN, progress=False)
     kept = read_manifest(os.path.join(out, "manifest.csv"))
     rejected = read_csv(os.path.join(out, "rejected.csv"))
-    in_folder = {k: v for k, v in files.items() if v.endswith((".mp4", ".mkv", ".webm", ".mov"))}  # not .m4a
-    accepted = {os.path.basename(v) for k, v in in_folder.items() if BAD_MEDIA_EXPECTED[k] is None}
+    in_folder = dict(files)  # every file, the audio-only .m4a too
+    expected = dict(BAD_MEDIA_EXPECTED, no_video="audio only (no video stream)")
+    accepted = {os.path.basename(v) for k, v in in_folder.items() if expected[k] is None}
     assert {os.path.basename(r["path"]) for r in kept.rows} == accepted
     assert kept.columns == ["path"] + [c for c in METADATA_COLUMNS if c != "audio_path"]
     for i, row in enumerate(kept.rows):
@@ -145,8 +148,8 @@ def test_prepare_folder(tmp_path, bad):
         assert row["duration"] >= 1.9 and row["width"] and row["sample_rate"]
     reasons = {os.path.basename(r["path"]): r["reason"] for r in rejected}
     for kind, path in in_folder.items():
-        if BAD_MEDIA_EXPECTED[kind] is not None:
-            assert reasons[os.path.basename(path)].startswith(BAD_MEDIA_EXPECTED[kind])
+        if expected[kind] is not None:
+            assert reasons[os.path.basename(path)].startswith(expected[kind])
     assert (summary.kept, summary.rejected, summary.total) == (len(accepted), len(reasons), len(in_folder))
     assert summary.reasons["cannot open container"] == 2 and summary.probed == len(in_folder)
     assert tree_snapshot(folder) == before  # sources untouched, nothing added next to them
@@ -168,10 +171,71 @@ def test_prepare_manifest_in_worker_processes(tmp_path, bad):
     assert all(r["note"] == f"n-{r['label']}" for r in kept.rows)
     rejected = read_csv(os.path.join(out, "rejected.csv"))
     by_name = {os.path.basename(files[k]): k for k in files}
+    expected = dict(BAD_MEDIA_EXPECTED, no_video="audio only (no video stream)")
     for row in rejected:
-        assert row["reason"].startswith(BAD_MEDIA_EXPECTED[by_name[os.path.basename(row["path"])]])
+        assert row["reason"].startswith(expected[by_name[os.path.basename(row["path"])]])
     assert summary.rejected == len(rejected) == sum(v is not None for v in BAD_MEDIA_EXPECTED.values())
-    assert summary.reasons["no video stream"] == 1  # the .m4a, listed in the manifest
+    assert summary.reasons["audio only"] == 1  # the .m4a, listed in the manifest
+
+
+def test_every_file_is_accounted_for(tmp_path, capsys):
+    """Real clips in the containers data sets ship, with sound, beside files that are not clips:
+    each one is a manifest row or a rejected row with its reason; the summary adds up."""
+    src = tmp_path / "src"
+    expected = make_mixed_media(str(src))
+    (src / ".DS_Store").write_bytes(b"\0\1")
+    (src / ".cache").mkdir()
+    (src / ".cache" / "thumb.mp4").write_bytes(b"")
+    out = tmp_path / "out"
+    notes = []
+    summary = prepare(str(src), str(out), workers=2, min_seconds=MIN, progress=False, transcode="h264",
+                      extract_audio="wav", log=notes.append)
+    kept = read_manifest(str(out / "manifest.csv"))
+    rejected = read_csv(out / "rejected.csv")
+    kept_names = {os.path.relpath(os.path.splitext(r["path"])[0], "videos") for r in kept.rows}
+    assert kept_names == {"hello_mpeg", "hello_ogg", "hello_ts", "long_audio"}  # hello.*: stems told apart
+    reasons = {os.path.relpath(r["path"], os.path.join("..", "src")): r["reason"] for r in rejected}
+    assert set(reasons) == {name for name, reason in expected.items() if reason is not None}
+    for name, reason in reasons.items():
+        assert reason.startswith(expected[name]), (name, reason)
+    assert (summary.total, summary.kept, summary.rejected) == (len(expected), 4, 4)
+    assert summary.kept + summary.rejected == summary.total == len(kept.rows) + len(rejected)
+    assert summary.format().startswith(f"found {len(expected)} files: kept 4, rejected 4")
+    assert any("left out 2 hidden" in note for note in notes + summary.warnings)
+    for i, row in enumerate(kept.rows):  # every kept clip was transcoded and its sound extracted
+        assert row["duration"] >= 1.9 and row["audio_duration"] >= 1.9, row
+        assert _wav(kept.audio_path(i)).std() > 0.05, row  # the sound is there
+    long_audio = next(r for r in kept.rows if "long_audio" in r["path"])
+    assert long_audio["duration"] == pytest.approx(2.0, abs=0.07)
+
+
+def test_webm_audio_outlasting_video_is_not_truncation(tmp_path):
+    """WebM states no per-stream duration: the container's (the longest stream's) must not be
+    taken as the video's promise; a WebM cut short is still caught."""
+    path = make_clip(str(tmp_path / "long_audio.webm"), seconds=4.0, codec="vp9", sample_rate=48000,
+                     frame_times=[i / 16 for i in range(32)], seed=24)
+    for check in ("fast", "full"):
+        result = probe(path, check=check)
+        assert result.error is None, (check, result.error)
+        assert result.duration == pytest.approx(2.0, abs=0.07)
+        assert result.audio_duration == pytest.approx(4.0, abs=0.07)
+    data = open(path, "rb").read()
+    (tmp_path / "cut.webm").write_bytes(data[: len(data) // 2])
+    assert probe(str(tmp_path / "cut.webm")).error.startswith("truncated: ")
+
+
+def test_missing_manifest_row_is_a_rejected_row(tmp_path, synthetic):
+    rows = read_csv(synthetic)
+    src = tmp_path / "list.csv"
+    folder = os.path.dirname(synthetic)
+    with open(src, "w") as f:
+        f.write("path,label\n")
+        f.write(f"{os.path.join(folder, rows[0]['path'])},{rows[0]['label']}\n")
+        f.write(f"{tmp_path / 'gone.mp4'},{rows[0]['label']}\n")
+    summary = prepare(str(src), str(tmp_path / "out"), workers=0, min_seconds=MIN, progress=False,
+                      transcode="h264", extract_audio="wav")
+    assert (summary.total, summary.kept, summary.rejected) == (2, 1, 1)
+    assert read_csv(tmp_path / "out" / "rejected.csv")[0]["reason"] == "no such file"
 
 
 def _wav(path):
@@ -383,7 +447,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, bad):
         assert err.startswith("avidfast: error: ") and err.count("\n") == 1 and expected in err, err
     assert main(["prepare", folder, str(tmp_path / "ok"), "--workers", "0", "--min-seconds", "1", "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "kept 6 of 13 clips" in printed and "cannot open container" in printed
+    assert "found 14 files: kept 6, rejected 8" in printed and "cannot open container" in printed  # .m4a too
 
 
 def test_reason_kinds():

@@ -79,10 +79,11 @@ def register(commands) -> None:
     """Adds prepare, synthetic and stats to the top-level subparsers."""
     prep = commands.add_parser(
         "prepare", help="probe videos, keep the usable ones, optionally extract audio / re-encode",
-        description="Probes every video of SRC (a manifest CSV, or a folder searched for "
-                    ".mp4/.mkv/.webm/.avi/.mov/.m4v) in worker processes and writes OUT/manifest.csv "
+        description="Probes every file of SRC (a manifest CSV, or a folder: every file in it, hidden "
+                    "ones left out) in worker processes and writes OUT/manifest.csv "
                     "(usable clips with duration, fps, size, audio rate and channels; paths relative "
-                    "to OUT) and OUT/rejected.csv (path, reason). Optionally extracts 24 kHz mono "
+                    "to OUT) and OUT/rejected.csv (path, reason: 'not a media file', 'audio only', "
+                    "'truncated: ...', ...): every file is in one of them. Optionally extracts 24 kHz mono "
                     "audio and re-encodes video at a constant frame rate with a short GOP. Sources "
                     "are never modified; rerunning skips work already done.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

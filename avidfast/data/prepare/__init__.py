@@ -1,8 +1,10 @@
 """``avidfast prepare``: probe a collection of videos, keep the usable ones, optionally re-encode.
 
 Input (SRC): a manifest CSV (paths relative to its folder, or to ``root``) or a folder, searched
-recursively for files ending in one of :data:`VIDEO_EXTENSIONS` (hidden files and folders, and
-OUT when it lies inside SRC, are skipped).
+recursively: every file in it is probed (hidden files and folders, OUT when it lies inside SRC and
+the output folders of earlier runs are left out, and the run says how many). Every source is
+accounted for: a row of manifest.csv, or of rejected.csv with the reason ("not a media file",
+"audio only", "no such file", "truncated: ...", ...); ``summary.total == kept + rejected``.
 
 Output folder OUT:
   * ``manifest.csv``: one row per usable clip, in source order, with ``path``, ``label`` (and any
@@ -86,11 +88,16 @@ def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int 
 
     out = os.path.abspath(out_dir)
     skipped: List[str] = []
-    entries, source_root, protected = find_sources(src, root, out, skipped)
+    hidden: List[str] = []
+    entries, source_root, protected = find_sources(src, root, out, skipped, hidden)
     check_out(out, source_root, protected)
     check_same_source(out, src, source_root)
     warnings = [f"warning: left out {relative(folder, os.path.abspath(src))}/ of {src}: an output folder of "
                 "avidfast prepare, not sources" for folder in skipped]
+    if hidden:
+        shown = ", ".join(relative(path, os.path.abspath(src)) for path in hidden[:3])
+        warnings.append(f"note: left out {len(hidden)} hidden file(s)/folder(s) of {src} (name starting with '.': "
+                        f"{shown}{', ...' if len(hidden) > 3 else ''})")
     repeats = repeated_sources(entries)
     if repeats:
         shown = ", ".join(f"line {row + 1} = line {first + 1}: {key}" for row, first, key in repeats[:3])

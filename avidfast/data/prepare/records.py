@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from avidfast.data.manifest import METADATA_COLUMNS
-from avidfast.data.prepare.discovery import Entry, planned_outputs, relative
+from avidfast.data.prepare.discovery import Entry, planned_outputs, relative, source_reason
 from avidfast.data.prepare.pool import WorkerPool, progress_bar
 from avidfast.data.prepare.writers import process_task
-from avidfast.data.probe import CHECKS, ProbeResult, probe, reject_reason
+from avidfast.data.probe import CHECKS, ProbeResult, probe
 from avidfast.files import atomic_write_text
 
 
@@ -26,7 +26,7 @@ class PrepareSummary:
 
     manifest_path: str
     rejected_path: str
-    total: int = 0          # source rows (a file listed twice counts twice)
+    total: int = 0          # source files (rows of a manifest SRC: a file listed twice counts twice)
     kept: int = 0
     rejected: int = 0
     reasons: Dict[str, int] = field(default_factory=dict)
@@ -37,7 +37,7 @@ class PrepareSummary:
     warnings: List[str] = field(default_factory=list)  # what the run noticed but did not stop for
 
     def format(self) -> str:
-        lines = [f"kept {self.kept} of {self.total} clips, rejected {self.rejected} "
+        lines = [f"found {self.total} files: kept {self.kept}, rejected {self.rejected} "
                  f"({self.probed} probed, {self.processed} processed, {self.reused} reused; {self.seconds:.1f} s)"]
         for reason, count in sorted(self.reasons.items(), key=lambda item: (-item[1], item[0])):
             lines.append(f"  {count:6d}  {reason}")
@@ -71,7 +71,7 @@ def manifest_rows(entries: List[Entry], records: Dict[str, dict], out: str, tran
     for entry in entries:
         record = records[entry.source]
         result = ProbeResult.from_dict(record["probe"])
-        reason = reject_reason(result, min_seconds)
+        reason = source_reason(entry.source, result, min_seconds)
         made = record.get("outputs") if (transcode or extract_audio) else None
         if reason is None and made is not None and made.get("error"):
             reason = made["error"]
@@ -184,7 +184,7 @@ def process_all(unique, stems, records, state, out, options, transcode, extract_
     for source in unique:
         record = records[source]
         result = ProbeResult.from_dict(record["probe"])
-        if reject_reason(result, min_seconds) is not None:
+        if source_reason(source, result, min_seconds) is not None:
             continue
         planned = planned_outputs(out, stems[source], transcode, extract_audio)
         made = record.get("outputs")
