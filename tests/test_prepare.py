@@ -1,7 +1,12 @@
 """Probing and `avidfast prepare`: bad inputs, audio extraction, transcoding, resuming, safety."""
 import csv
+import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import wave
 
 import numpy as np
@@ -395,6 +400,78 @@ def test_rerun_resumes_without_probing_again(tmp_path, synthetic, monkeypatch):
     assert (again.probed, again.processed) == (0, 3)
     assert read_manifest(os.path.join(out, "manifest.csv")).rows[0]["fps"] == 8
     assert not [f for _, _, fs in os.walk(out) for f in fs if f.endswith(".tmp")]
+
+
+def _finished(out):
+    """Source path -> outputs of every file whose record says its outputs are complete."""
+    state = os.path.join(out, ".prepare")
+    done = {}
+    for name in os.listdir(state) if os.path.isdir(state) else []:
+        if name.endswith(".json") and name != "options.json" and not name.startswith("."):
+            with open(os.path.join(state, name)) as f:
+                record = json.load(f)
+            if "result" in record.get("outputs", {}):
+                done[record["source"]] = record["outputs"]["result"]
+    return done
+
+
+def test_sigkill_half_way_resumes_without_redoing_finished_files(tmp_path):
+    """A real kill -9 of the process group (the run and its worker) half-way through a folder."""
+    src = tmp_path / "src"
+    for i in range(6):
+        make_clip(str(src / f"clip_{i}.mp4"), seconds=3.0, size=(160, 120), seed=40 + i)
+    out = str(tmp_path / "out")
+    args = [sys.executable, "-m", "avidfast.cli", "prepare", str(src), out, "--transcode", "h264",
+            "--extract-audio", "wav", "--workers", "1", "--min-seconds", "1", "--quiet"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    run = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while len(_finished(out)) < 2 and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.communicate()
+    assert run.returncode == -signal.SIGKILL
+    finished = _finished(out)
+    assert 2 <= len(finished) < 6, len(finished)  # killed half-way
+    assert not os.path.exists(os.path.join(out, "manifest.csv"))  # nothing listed before the run ends
+    stamps = {os.path.join(out, files[k]["path"]): os.stat(os.path.join(out, files[k]["path"])).st_mtime_ns
+              for files in finished.values() for k in ("video", "audio")}
+
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    summary = done.stdout.splitlines()[0]
+    assert summary.startswith("found 6 files: kept 6, rejected 0"), summary
+    assert f"{6 - len(finished)} processed, {len(finished)} reused" in summary, summary
+    assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps  # finished files not redone
+    kept = read_manifest(os.path.join(out, "manifest.csv"))
+    for i in range(len(kept)):  # every listed output is whole
+        video = probe(kept.path(i))
+        assert video.error is None and video.duration == pytest.approx(3.0, abs=0.07), video
+        assert len(_wav(kept.audio_path(i))) == pytest.approx(kept.rows[i]["audio_duration"] * 24000, abs=1)
+        assert kept.rows[i]["audio_duration"] >= 2.95
+    assert not [f for _, _, fs in os.walk(out) for f in fs if f.endswith(".tmp")]  # the kill's leftovers are gone
+
+
+def test_run_with_other_options_stopped_half_way_leaves_no_outdated_manifest(tmp_path, synthetic, monkeypatch):
+    out = str(tmp_path / "out")
+    prepare(synthetic, out, workers=0, transcode="h264", min_seconds=MIN, progress=False)
+    calls = []
+    real = prepare_records.process_task
+
+    def stop_after_one(payload):
+        if calls:
+            raise KeyboardInterrupt  # the run is stopped while the second file is re-encoded
+        calls.append(payload)
+        return real(payload)
+
+    monkeypatch.setattr(prepare_records, "process_task", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(synthetic, out, workers=0, transcode="h264", fps=8, min_seconds=MIN, progress=False)
+    assert not os.path.exists(os.path.join(out, "manifest.csv"))  # it listed 16 fps files, one is now 8 fps
+    monkeypatch.undo()
+    again = prepare(synthetic, out, workers=0, transcode="h264", fps=8, min_seconds=MIN, progress=False)
+    assert (again.processed, again.reused) == (2, 1)
+    assert [row["fps"] for row in read_manifest(os.path.join(out, "manifest.csv")).rows] == [8, 8, 8]
 
 
 def test_refuses_to_write_over_sources(tmp_path, bad):

@@ -27,6 +27,10 @@ Output folder OUT:
     the options of the last run. A rerun skips every file whose record matches the file's size and
     modification time and whose outputs exist and were made with the same options (outputs are
     written to a temporary name and renamed when complete, so an existing output is complete).
+    manifest.csv and rejected.csv are written (atomically) only when a run ends; a run with other
+    output options than the last removes them first. So a run stopped at any point, SIGKILL
+    included, resumes without redoing finished files and never leaves a list naming a partial or
+    outdated output.
 
 Sources are only read, never written: OUT may not be the source folder, and no output path may
 be a source file. An OUT already prepared from another source (or root) is refused rather than
@@ -56,6 +60,7 @@ from avidfast.data.prepare.options import (
 from avidfast.data.prepare.pool import WorkerPool
 from avidfast.data.prepare.records import (
     PrepareSummary, manifest_columns, manifest_rows, probe_all, process_all, reason_kind, save_run,
+    withdraw_outdated_lists,
 )
 from avidfast.data.prepare.writers import AUDIO_RATE
 
@@ -119,6 +124,8 @@ def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int 
     os.makedirs(state, exist_ok=True)
     options = {"transcode": transcode, "fps": fps if transcode else None, "gop": gop if transcode else None,
                "extract_audio": extract_audio, "version": OUTPUT_VERSION}
+    if withdraw_outdated_lists(state, out, options):
+        log(f"note: other output options than last time: {out}/manifest.csv withdrawn until this run ends")
     save_run(state, src, source_root, options, check, min_seconds)
 
     summary = PrepareSummary(os.path.join(out, "manifest.csv"), os.path.join(out, "rejected.csv"))

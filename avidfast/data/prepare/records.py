@@ -63,6 +63,24 @@ def save_run(state: str, src: str, source_root: str, options: dict, check: str, 
         atomic_write_text(run_path, run)
 
 
+def withdraw_outdated_lists(state: str, out: str, options: dict) -> bool:
+    """Removes OUT's manifest.csv and rejected.csv when this run's output options differ from
+    those they were made with (the run replaces the files they list): a run stopped half-way,
+    even by SIGKILL, then leaves no list describing a mix of old and new outputs. True if removed."""
+    try:
+        with open(os.path.join(state, "options.json")) as f:
+            previous = json.load(f)
+    except (OSError, ValueError):
+        return False
+    manifest = os.path.join(out, "manifest.csv")
+    if not isinstance(previous, dict) or previous.get("outputs") == options or not os.path.isfile(manifest):
+        return False
+    for name in (manifest, os.path.join(out, "rejected.csv")):
+        if os.path.isfile(name):
+            os.unlink(name)
+    return True
+
+
 def manifest_rows(entries: List[Entry], records: Dict[str, dict], out: str, transcode: Optional[str],
                   extract_audio: Optional[str], min_seconds: float) -> Tuple[List[dict], List[dict], Counter]:
     """The rows of manifest.csv and rejected.csv in source order, and the rejections by kind."""
