@@ -350,6 +350,29 @@ def test_transcode_constant_fps_short_gop(tmp_path, bad, codec):
             assert np.array(videos[i]).shape == (round(row["duration"] * 16), row["height"], row["width"], 3)
 
 
+def test_short_side_copies(tmp_path):
+    """--short-side: the copies' short side is N (aspect kept, even sides, never enlarged); the
+    manifest gives the copies' size, which is the files' own."""
+    src = tmp_path / "src"
+    make_clip(str(src / "wide.mp4"), seconds=2.0, size=(97, 61), seed=31)
+    make_clip(str(src / "tall.mp4"), seconds=2.0, size=(48, 64), seed=32)
+    make_clip(str(src / "small.mp4"), seconds=2.0, size=(40, 24), seed=33)
+    out = str(tmp_path / "out")
+    prepare(str(src), out, workers=0, transcode="vp9", short_side=32, min_seconds=MIN, progress=False)
+    kept = read_manifest(os.path.join(out, "manifest.csv"))
+    sizes = {os.path.basename(row["path"]): (row["width"], row["height"]) for row in kept.rows}
+    assert sizes == {"wide.webm": (50, 32), "tall.webm": (32, 42), "small.webm": (40, 24)}
+    for i, row in enumerate(kept.rows):
+        result = probe(kept.path(i), check="full")
+        assert result.error is None and (result.width, result.height) == (row["width"], row["height"])
+    again = prepare(str(src), out, workers=0, transcode="vp9", short_side=40, min_seconds=MIN, progress=False)
+    assert again.processed == 3  # another size: outputs redone
+    with pytest.raises(PrepareError, match="needs transcode"):
+        prepare(str(src), str(tmp_path / "o2"), short_side=32, progress=False)
+    with pytest.raises(PrepareError, match="short_side must be"):
+        prepare(str(src), str(tmp_path / "o2"), transcode="h264", short_side=8, progress=False)
+
+
 def test_transcode_keeps_the_picture(tmp_path, synthetic):
     """A 16 fps source re-encoded at 16 fps: frame k of the output shows frame k of the source."""
     import av

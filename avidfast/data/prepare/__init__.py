@@ -70,7 +70,8 @@ __all__ = ["prepare", "PrepareError", "PrepareSummary", "reason_kind", "VIDEO_EX
 
 def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int = 2,
             extract_audio: Optional[str] = None, transcode: Optional[str] = None, fps: int = 16,
-            gop: int = 16, min_seconds: float = 2.0, check: str = "fast", progress: bool = True,
+            gop: int = 16, short_side: Optional[int] = None, min_seconds: float = 2.0, check: str = "fast",
+            progress: bool = True,
             log: Optional[Callable[[str], None]] = None) -> PrepareSummary:
     """Probes SRC, writes ``OUT/manifest.csv`` and ``OUT/rejected.csv``; see the module docstring.
 
@@ -78,7 +79,9 @@ def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int 
     (libx264 yuv420p in MP4 with AAC audio: for GPU decoding) or "vp9" (libvpx-vp9 realtime in
     WebM with Opus audio, or no audio when ``extract_audio`` is set: DALI's CPU backend decodes
     it). Transcoded video has a constant ``fps`` and a keyframe every ``gop`` frames, and even
-    width and height (odd ones are scaled down by one pixel). ``min_seconds``: shorter clips are
+    width and height (odd ones are scaled down by one pixel); ``short_side`` (pixels, with
+    ``transcode``) scales it so its short side is that long (never enlarged; e.g. 128 for 112^2
+    crops): decoding and cropping such copies is much cheaper than the originals. ``min_seconds``: shorter clips are
     rejected. ``check``: how hard each file is probed, see :mod:`avidfast.data.probe`.
     ``log`` receives one-line notes and warnings (default: stderr when ``progress``); the
     warnings are also in ``summary.warnings``.
@@ -87,7 +90,7 @@ def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int 
     """
     started = time.monotonic()
     check_arguments(extract_audio=extract_audio, transcode=transcode, check=check, fps=fps, gop=gop,
-                    workers=workers, min_seconds=min_seconds)
+                    workers=workers, min_seconds=min_seconds, short_side=short_side)
     if log is None:
         log = (lambda message: print(message, file=sys.stderr, flush=True)) if progress else (lambda message: None)
 
@@ -124,6 +127,8 @@ def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int 
     os.makedirs(state, exist_ok=True)
     options = {"transcode": transcode, "fps": fps if transcode else None, "gop": gop if transcode else None,
                "extract_audio": extract_audio, "version": OUTPUT_VERSION}
+    if short_side is not None:  # only when asked, so that outputs made before the option existed still match
+        options["short_side"] = short_side
     if withdraw_outdated_lists(state, out, options):
         log(f"note: other output options than last time: {out}/manifest.csv withdrawn until this run ends")
     save_run(state, src, source_root, options, check, min_seconds)

@@ -211,7 +211,8 @@ def process_all(unique, stems, records, state, out, options, transcode, extract_
             summary.reused += 1
             continue
         payload = {"source": source, "video": planned.get("video"), "audio": planned.get("audio"),
-                   "transcode": transcode, "fps": fps, "gop": gop, "audio_format": extract_audio,
+                   "transcode": transcode, "fps": fps, "gop": gop, "short_side": options.get("short_side"),
+                   "audio_format": extract_audio,
                    "duration": result.duration, "video_start": result.video_start or 0.0,
                    "channels": result.channels, "sample_rate": result.sample_rate, "out": out}
         tasks.append((source, payload, 120.0 + 30.0 * (result.duration or 60.0)))
