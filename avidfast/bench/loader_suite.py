@@ -1,5 +1,9 @@
-"""Data-pipeline throughput: our CPU pipeline against a reference-shaped loader, same files and
-worker count, plus DALI (CPU mode on VP9 copies, or GPU) beside them.
+"""Data-pipeline throughput: our CPU pipeline against a reference-shaped loader, same worker
+count, plus DALI (CPU mode on VP9 copies, or GPU) beside them.
+
+Ours reads ``manifest`` with each frame decoder asked for (PyAV, torchcodec); the baseline reads
+``baseline_manifest`` (default: the same files), so that ours on training-resolution copies
+(``avidfast prepare --short-side``) can be set against the baseline on the originals.
 
 Each round builds a fresh loader per variant (alternating which goes first), reads ``clips``
 clips, and times from the first batch to the last (worker start-up excluded); the reported
@@ -8,7 +12,7 @@ figure is the median over rounds of clips per second, and the ratio of medians.
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from avidfast.data.audio import AudioJitter
 from avidfast.data.cpu_pipeline import ClipDataset, CPULoader
@@ -27,6 +31,7 @@ class LoaderBenchConfig:
     clips: int = 64  # timed clips per round (after the first batch)
     rounds: int = 3
     seed: int = 0
+    decoders: Tuple[str, ...] = ("pyav",)  # our frame decoders to time, each a variant
 
 
 @dataclass
@@ -58,9 +63,11 @@ def _time_loader(make: Callable[[], Iterable], clips: int, batch_size: int) -> f
     return seen / elapsed
 
 
-def _cpu_variant(dataset_cls, manifest: Manifest, cfg: LoaderBenchConfig, epochs: List[int]) -> Callable[[], Iterable]:
+def _cpu_variant(dataset_cls, manifest: Manifest, cfg: LoaderBenchConfig, epochs: List[int],
+                 decoder: str = "pyav") -> Callable[[], Iterable]:
     def make():
-        dataset = dataset_cls(manifest, video=cfg.video, audio_preset=cfg.audio_preset, jitter=AudioJitter(), seed=cfg.seed)
+        dataset = dataset_cls(manifest, video=cfg.video, audio_preset=cfg.audio_preset, jitter=AudioJitter(),
+                              seed=cfg.seed, decoder=decoder)
         needed = cfg.clips + 2 * cfg.batch_size
         loader = CPULoader(dataset, batch_size=cfg.batch_size, workers=cfg.workers, samples_per_epoch=needed,
                            max_bad_fraction=0.0)
@@ -77,21 +84,26 @@ def run_loader_benchmark(
     dali_manifest: Optional[Manifest] = None,
     dali_device: Optional[int] = None,
     baseline: bool = True,
+    baseline_manifest: Optional[Manifest] = None,
     progress: Callable[[str], None] = lambda message: None,
 ) -> List[LoaderResult]:
-    """Times our CPU pipeline, the reference-shaped loader (``baseline``) and, with
+    """Times our CPU pipeline (one variant per decoder of ``cfg.decoders``), the reference-shaped
+    loader (``baseline``, on ``baseline_manifest`` or else ``manifest``) and, with
     ``dali_manifest``, the DALI pipeline (CPU mode when dali_device is None)."""
     from avidfast.bench.loader_baseline import ReferenceShapedDataset
 
     epochs = [0]
-    variants: Dict[str, LoaderResult] = {
-        "ours": LoaderResult("ours", f"avidfast CPU pipeline, {cfg.workers} workers"),
-    }
-    makers: Dict[str, Callable[[], Iterable]] = {"ours": _cpu_variant(ClipDataset, manifest, cfg, epochs)}
+    variants: Dict[str, LoaderResult] = {}
+    makers: Dict[str, Callable[[], Iterable]] = {}
+    for decoder in cfg.decoders:
+        name = "ours" if decoder == "pyav" else f"ours-{decoder}"
+        variants[name] = LoaderResult(name, f"avidfast CPU pipeline, {decoder} decoder, {cfg.workers} workers")
+        makers[name] = _cpu_variant(ClipDataset, manifest, cfg, epochs, decoder)
     if baseline:
         variants["reference-shaped"] = LoaderResult(
-            "reference-shaped", f"PyAV -> PIL per frame -> PIL transforms -> numpy STFT, {cfg.workers} workers")
-        makers["reference-shaped"] = _cpu_variant(ReferenceShapedDataset, manifest, cfg, epochs)
+            "reference-shaped", f"PyAV -> PIL per frame -> PIL transforms -> numpy STFT, {cfg.workers} workers"
+            + (", on the baseline files" if baseline_manifest is not None else ""))
+        makers["reference-shaped"] = _cpu_variant(ReferenceShapedDataset, baseline_manifest or manifest, cfg, epochs)
     if dali_manifest is not None:
         from avidfast.data.dali_pipeline import build_dali_loader
 
@@ -132,5 +144,6 @@ def format_loader_table(results: List[LoaderResult], cfg: LoaderBenchConfig, mac
     ]
     for r in results:
         ratio = f"{r.median / base.median:.2f}x" if base is not None else "-"
-        lines.append(f"{r.name:<18} {r.median:>8.2f} {ratio:>20}  {r.description}")
+        lines.append(f"{r.name:<18} {r.median:>8.2f} {ratio:>20}  {r.description}; rounds: "
+                     + ", ".join(f"{rate:.2f}" for rate in r.rates))
     return "\n".join(lines)

@@ -10,8 +10,9 @@ and stops with :class:`TooManyBadSamples` once they exceed ``max_bad_fraction`` 
 """
 import logging
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from avidfast.data import audio as audio_ops
@@ -20,12 +21,15 @@ from avidfast.data.audio import AudioJitter, SpectrogramPreset, SpectrogramStats
 from avidfast.data.manifest import Manifest
 from avidfast.data.probe import probe_header
 from avidfast.data.sampling import ShardedEpochSampler, replacement_index, sample_generator
+from avidfast.data.torchcodec_video import decode_frames_torchcodec, torchcodec_error
 from avidfast.data.video import VideoConfig
 from avidfast.errors import AvidfastError
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 20  # replacements tried for one position before giving up
+DECODERS = ("auto", "pyav", "torchcodec")
+TORCHCODEC_MAX_SHORT_SIDE = 128  # pixels: "auto" decodes files up to this short side with torchcodec
 
 
 class TooManyBadSamples(AvidfastError, RuntimeError):
@@ -54,6 +58,11 @@ class ClipDataset(torch.utils.data.Dataset):
     at the clip start. Randomness comes from (seed, epoch, position) only, so results do not
     depend on the number of workers. ``label`` is the position of a row's label in ``classes``
     (default: the manifest's own sorted labels; a test set passes its training set's).
+    ``decoder``: "pyav" (:func:`avidfast.data.video.decode_frames`), "torchcodec"
+    (:mod:`avidfast.data.torchcodec_video`; ValueError when it cannot load) or "auto": torchcodec
+    for files whose short side is at most :data:`TORCHCODEC_MAX_SHORT_SIDE` (where it was
+    measured faster, BENCHMARKS.md) when it is available, with PyAV for a file it fails on; PyAV
+    otherwise.
     """
 
     def __init__(
@@ -69,9 +78,15 @@ class ClipDataset(torch.utils.data.Dataset):
         seed: int = 0,
         decode_threads: int = 1,
         classes: Optional[Sequence[str]] = None,
+        decoder: str = "auto",
     ):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got '{mode}'")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        if decoder == "torchcodec" and torchcodec_error() is not None:
+            raise ValueError(f"decoder='torchcodec': {torchcodec_error()}; use decoder='pyav' (or 'auto')")
+        self.decoder = decoder
         self.manifest, self.video, self.mode, self.jitter = manifest, video, mode, jitter
         self.preset = audio_ops.get_preset(audio_preset) if isinstance(audio_preset, str) else audio_preset
         self.stats, self.clips_per_video, self.seed = stats, clips_per_video, seed
@@ -109,24 +124,25 @@ class ClipDataset(torch.utils.data.Dataset):
         """Decodes and transforms row ``index`` (raises on any decode problem)."""
         row = self.manifest.rows[index]
         path = self.manifest.path(index)
-        duration, audio_duration = self._durations(index)
+        duration, audio_duration = self.durations(index)
         needed = max(self.video.seconds, self.jitter.duration[0])  # a clip, and the shortest audio window
         if duration < needed:
             raise ValueError(f"file is {duration:.2f} s, shorter than the {needed:.2f} s a clip needs")
         if self.mode == "train":
             generator = sample_generator(self.seed, epoch, position, attempt)
             start = video_ops.train_start(duration, self.video, generator)
-            height, width = _frame_size(row, path)
+            height, width = frame_size(row, path)
             aug = video_ops.draw_augment(height, width, self.video, generator)
             size = (self.video.crop, self.video.crop)
-            frames = video_ops.decode_frames(path, start, self.video, crop=aug.crop, size=size, threads=self.decode_threads)
+            decode = self.frame_decoder(height, width)
+            frames = decode(path, start, self.video, crop=aug.crop, size=size, threads=self.decode_threads)
             video = video_ops.train_transform(frames, aug, self.video)
             window = audio_ops.train_window(start, self.jitter, generator, audio_duration)
         else:
             start = video_ops.clip_starts(duration, self.video, self.clips_per_video)[position % self.clips_per_video]
-            height, width = _frame_size(row, path)
+            height, width = frame_size(row, path)
             size = video_ops.eval_size(height, width, self.video.crop)
-            frames = video_ops.decode_frames(path, start, self.video, size=size, threads=self.decode_threads)
+            frames = self.frame_decoder(height, width)(path, start, self.video, size=size, threads=self.decode_threads)
             video = video_ops.eval_transform(frames, self.video)
             window = audio_ops.eval_window(start, self.preset, audio_duration)
         wave = audio_ops.decode_audio(self.manifest.audio_path(index), window.start, window.duration, self.preset.sample_rate)
@@ -134,7 +150,15 @@ class ClipDataset(torch.utils.data.Dataset):
         return LoadedClip(video, spec.unsqueeze(0), index, [])
 
 
-    def _durations(self, index: int) -> Tuple[float, float]:
+    def frame_decoder(self, height: int, width: int) -> Callable[..., np.ndarray]:
+        """The frame decoder for a file of this size (see ``decoder`` in the class docstring)."""
+        if self.decoder == "torchcodec":
+            return decode_frames_torchcodec
+        if self.decoder == "auto" and min(height, width) <= TORCHCODEC_MAX_SHORT_SIDE and torchcodec_error() is None:
+            return _torchcodec_else_pyav
+        return video_ops.decode_frames
+
+    def durations(self, index: int) -> Tuple[float, float]:
         """(video, audio) durations in seconds: from the manifest, else probed once per worker."""
         row = self.manifest.rows[index]
         if row.get("duration") and row.get("audio_duration"):
@@ -155,7 +179,18 @@ def _stream_duration(path: str, kind: str) -> float:
     return duration
 
 
-def _frame_size(row: Dict[str, object], path: str) -> Tuple[int, int]:
+def _torchcodec_else_pyav(path: str, *args, **kwargs) -> np.ndarray:
+    """torchcodec's frames, or PyAV's where torchcodec fails on the file (so that a damaged file
+    is read, concealed or refused exactly as with decoder="pyav")."""
+    try:
+        return decode_frames_torchcodec(path, *args, **kwargs)
+    except Exception as error:  # noqa: BLE001 - any torchcodec failure: PyAV decides
+        log.debug("torchcodec failed on %s (%s: %s); decoding with PyAV", path, type(error).__name__, error)
+        return video_ops.decode_frames(path, *args, **kwargs)
+
+
+def frame_size(row: Dict[str, object], path: str) -> Tuple[int, int]:
+    """(height, width) in pixels of a manifest row's video: from the row, else from the file's header."""
     if row.get("height") and row.get("width"):
         return int(row["height"]), int(row["width"])
     header = probe_header(path, "video")
