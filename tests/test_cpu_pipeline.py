@@ -221,7 +221,6 @@ def test_torchcodec_decoder_is_optional(monkeypatch, synthetic):
     monkeypatch.setattr(cpu_pipeline, "torchcodec_error", lambda: "torchcodec unavailable: ImportError: none")
     with pytest.raises(ValueError, match="torchcodec unavailable.*decoder='pyav'"):
         ClipDataset(read_manifest(synthetic), decoder="torchcodec")
-    dataset = ClipDataset(read_manifest(synthetic), decoder="auto")
-    assert dataset.frame_decoder(48, 64) is cpu_pipeline.video_ops.decode_frames  # PyAV where it is missing
+    assert ClipDataset(read_manifest(synthetic)).frame_decoder is cpu_pipeline.video_ops.decode_frames  # default
     with pytest.raises(ValueError, match="decoder must be one of"):
         ClipDataset(read_manifest(synthetic), decoder="opencv")

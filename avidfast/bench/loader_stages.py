@@ -57,8 +57,8 @@ def profile_stages(manifest: Manifest, video: VideoConfig, audio_preset: str, cl
                    decoder: str = "pyav", reference_shaped: bool = False, name: str = "") -> StageTimes:
     """Times the stages of ``clips`` training examples (rows taken in turn); one thread.
 
-    ``decoder`` picks ours ("pyav", "torchcodec" or "auto"); ``reference_shaped`` times the
-    baseline's stages instead.
+    ``decoder`` picks ours ("pyav" or "torchcodec"); ``reference_shaped`` times the baseline's
+    stages instead.
     """
     dataset = ClipDataset(manifest, video=video, audio_preset=audio_preset, jitter=AudioJitter(), seed=seed,
                           decoder="pyav" if reference_shaped else decoder)
@@ -80,7 +80,7 @@ def profile_stages(manifest: Manifest, video: VideoConfig, audio_preset: str, cl
             else:
                 height, width = frame_size(row, path)
                 aug = video_ops.draw_augment(height, width, video, generator)
-                frames = _timed(samples, "decode", dataset.frame_decoder(height, width), path, start, video,
+                frames = _timed(samples, "decode", dataset.frame_decoder, path, start, video,
                                 crop=aug.crop, size=(video.crop, video.crop))
                 _timed(samples, "augment", video_ops.train_transform, frames, aug, video)
             window = audio_ops.train_window(start, dataset.jitter, generator, audio_duration)

@@ -28,8 +28,7 @@ from avidfast.errors import AvidfastError
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 20  # replacements tried for one position before giving up
-DECODERS = ("auto", "pyav", "torchcodec")
-TORCHCODEC_MAX_SHORT_SIDE = 128  # pixels: "auto" decodes files up to this short side with torchcodec
+DECODERS = ("pyav", "torchcodec")
 
 
 class TooManyBadSamples(AvidfastError, RuntimeError):
@@ -58,11 +57,11 @@ class ClipDataset(torch.utils.data.Dataset):
     at the clip start. Randomness comes from (seed, epoch, position) only, so results do not
     depend on the number of workers. ``label`` is the position of a row's label in ``classes``
     (default: the manifest's own sorted labels; a test set passes its training set's).
-    ``decoder``: "pyav" (:func:`avidfast.data.video.decode_frames`), "torchcodec"
-    (:mod:`avidfast.data.torchcodec_video`; ValueError when it cannot load) or "auto": torchcodec
-    for files whose short side is at most :data:`TORCHCODEC_MAX_SHORT_SIDE` (where it was
-    measured faster, BENCHMARKS.md) when it is available, with PyAV for a file it fails on; PyAV
-    otherwise.
+    ``decoder``: "pyav" (:func:`avidfast.data.video.decode_frames`) or "torchcodec"
+    (:mod:`avidfast.data.torchcodec_video`; ValueError when it cannot load). torchcodec decodes
+    small copies faster but the loader as a whole measured slower with it (BENCHMARKS.md), so
+    PyAV is the default. A damaged file that PyAV's decoder conceals can fail with torchcodec
+    (and is then replaced like any bad sample).
     """
 
     def __init__(
@@ -78,14 +77,14 @@ class ClipDataset(torch.utils.data.Dataset):
         seed: int = 0,
         decode_threads: int = 1,
         classes: Optional[Sequence[str]] = None,
-        decoder: str = "auto",
+        decoder: str = "pyav",
     ):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got '{mode}'")
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         if decoder == "torchcodec" and torchcodec_error() is not None:
-            raise ValueError(f"decoder='torchcodec': {torchcodec_error()}; use decoder='pyav' (or 'auto')")
+            raise ValueError(f"decoder='torchcodec': {torchcodec_error()}; use decoder='pyav'")
         self.decoder = decoder
         self.manifest, self.video, self.mode, self.jitter = manifest, video, mode, jitter
         self.preset = audio_ops.get_preset(audio_preset) if isinstance(audio_preset, str) else audio_preset
@@ -134,15 +133,14 @@ class ClipDataset(torch.utils.data.Dataset):
             height, width = frame_size(row, path)
             aug = video_ops.draw_augment(height, width, self.video, generator)
             size = (self.video.crop, self.video.crop)
-            decode = self.frame_decoder(height, width)
-            frames = decode(path, start, self.video, crop=aug.crop, size=size, threads=self.decode_threads)
+            frames = self.frame_decoder(path, start, self.video, crop=aug.crop, size=size, threads=self.decode_threads)
             video = video_ops.train_transform(frames, aug, self.video)
             window = audio_ops.train_window(start, self.jitter, generator, audio_duration)
         else:
             start = video_ops.clip_starts(duration, self.video, self.clips_per_video)[position % self.clips_per_video]
             height, width = frame_size(row, path)
             size = video_ops.eval_size(height, width, self.video.crop)
-            frames = self.frame_decoder(height, width)(path, start, self.video, size=size, threads=self.decode_threads)
+            frames = self.frame_decoder(path, start, self.video, size=size, threads=self.decode_threads)
             video = video_ops.eval_transform(frames, self.video)
             window = audio_ops.eval_window(start, self.preset, audio_duration)
         wave = audio_ops.decode_audio(self.manifest.audio_path(index), window.start, window.duration, self.preset.sample_rate)
@@ -150,13 +148,10 @@ class ClipDataset(torch.utils.data.Dataset):
         return LoadedClip(video, spec.unsqueeze(0), index, [])
 
 
-    def frame_decoder(self, height: int, width: int) -> Callable[..., np.ndarray]:
-        """The frame decoder for a file of this size (see ``decoder`` in the class docstring)."""
-        if self.decoder == "torchcodec":
-            return decode_frames_torchcodec
-        if self.decoder == "auto" and min(height, width) <= TORCHCODEC_MAX_SHORT_SIDE and torchcodec_error() is None:
-            return _torchcodec_else_pyav
-        return video_ops.decode_frames
+    @property
+    def frame_decoder(self) -> Callable[..., np.ndarray]:
+        """The frame decoder ``decoder`` names (both take decode_frames's arguments)."""
+        return decode_frames_torchcodec if self.decoder == "torchcodec" else video_ops.decode_frames
 
     def durations(self, index: int) -> Tuple[float, float]:
         """(video, audio) durations in seconds: from the manifest, else probed once per worker."""
@@ -177,16 +172,6 @@ def _stream_duration(path: str, kind: str) -> float:
     if duration is None:
         raise ValueError("unknown duration; run `avidfast prepare` to record it")
     return duration
-
-
-def _torchcodec_else_pyav(path: str, *args, **kwargs) -> np.ndarray:
-    """torchcodec's frames, or PyAV's where torchcodec fails on the file (so that a damaged file
-    is read, concealed or refused exactly as with decoder="pyav")."""
-    try:
-        return decode_frames_torchcodec(path, *args, **kwargs)
-    except Exception as error:  # noqa: BLE001 - any torchcodec failure: PyAV decides
-        log.debug("torchcodec failed on %s (%s: %s); decoding with PyAV", path, type(error).__name__, error)
-        return video_ops.decode_frames(path, *args, **kwargs)
 
 
 def frame_size(row: Dict[str, object], path: str) -> Tuple[int, int]:

@@ -3,7 +3,8 @@ contract as :func:`avidfast.data.video.decode_frames` (PyAV), for the CPU pipeli
 ``decoder="torchcodec"``.
 
 torchcodec is optional: :func:`torchcodec_error` says why it cannot be used here (not installed,
-or its FFmpeg libraries missing), and the pipeline falls back to PyAV. torchcodec decodes whole
+or its FFmpeg libraries missing). Its first use in a process costs about 2 s of CPU (loading
+its libraries); after that it decodes small copies faster than PyAV (BENCHMARKS.md). torchcodec decodes whole
 frames to RGB and offers no crop at a given position, so the crop and the bilinear, antialiased
 resize are done here in torch on the decoded frames; on small copies (``avidfast prepare
 --short-side``) that costs little, on full-size video PyAV's crop-before-conversion is cheaper.
