@@ -59,7 +59,7 @@ class ClipDataset(torch.utils.data.Dataset):
     (default: the manifest's own sorted labels; a test set passes its training set's).
     ``decoder``: "pyav" (:func:`avidfast.data.video.decode_frames`) or "torchcodec"
     (:mod:`avidfast.data.torchcodec_video`; ValueError when it cannot load). torchcodec decodes
-    small copies faster but the loader as a whole measured slower with it (BENCHMARKS.md), so
+    small copies faster, but the loader as a whole was not reliably faster with it (BENCHMARKS.md), so
     PyAV is the default. A damaged file that PyAV's decoder conceals can fail with torchcodec
     (and is then replaced like any bad sample).
     """
