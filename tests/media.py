@@ -26,7 +26,11 @@ _SDIST = f"moviepy-{MOVIEPY_VERSION}.tar.gz"
 _ZIP_IN_SDIST = "moviepy_10_minutes.zip"  # under docs/_static/medias/getting_started/
 _BBB_IN_ZIP = "resources/bbb.mp4"
 
-VIDEO_CODECS = {"h264": "libx264", "vp9": "libvpx-vp9", "mpeg4": "mpeg4", "mjpeg": "mjpeg"}
+VIDEO_CODECS = {"h264": "libx264", "vp9": "libvpx-vp9", "mpeg4": "mpeg4", "mjpeg": "mjpeg", "mpeg2": "mpeg2video",
+                "theora": "libtheora", "vp8": "libvpx"}
+# audio codec by container (extension); AAC elsewhere
+AUDIO_CODECS = {".webm": "libopus", ".mpeg": "mp2", ".mpg": "mp2", ".ogg": "vorbis", ".ogv": "vorbis",
+                ".wav": "pcm_s16le"}
 _LAYOUTS = {1: "mono", 2: "stereo", 6: "5.1"}
 
 
@@ -37,8 +41,9 @@ def make_clip(path: str, seconds: float = 2.0, fps: int = 16, size: Tuple[int, i
     """Writes a small clip of deterministic, random-looking content; returns ``path``.
 
     ``size`` is (width, height) in pixels (odd sizes use yuv444p with H.264, which allows them);
-    ``codec`` is one of h264, vp9, mpeg4, mjpeg; the container comes from the extension (.webm
-    gets Opus audio, others AAC). ``frame_times`` (seconds, increasing) gives a variable frame rate
+    ``codec`` is a key of :data:`VIDEO_CODECS`; the container comes from the extension, and the
+    audio codec too (:data:`AUDIO_CODECS`: .webm gets Opus, .mpeg MP2, .ogg Vorbis, .wav PCM,
+    others AAC). Raises ValueError when this PyAV build lacks the encoder. ``frame_times`` (seconds, increasing) gives a variable frame rate
     and overrides ``fps`` and ``seconds`` for the video. ``faststart`` puts an MP4's index first.
     """
     import av
@@ -65,9 +70,12 @@ def make_clip(path: str, seconds: float = 2.0, fps: int = 16, size: Tuple[int, i
                 vs.time_base = Fraction(1, 1000)
         aus = None
         if audio:
-            rate = sample_rate
-            aus = container.add_stream("libopus" if ext == ".webm" else "aac", rate=rate)
+            aus = container.add_stream(AUDIO_CODECS.get(ext, "aac"), rate=sample_rate)
             aus.layout = _LAYOUTS[channels]
+            if aus.codec_context.name == "vorbis":
+                aus.codec_context.options = {"strict": "experimental"}  # FFmpeg's own Vorbis encoder
+            resample = av.AudioResampler(format=aus.codec_context.codec.audio_formats[0].name,
+                                         layout=_LAYOUTS[channels], rate=sample_rate)
         if vs is not None:
             times = list(frame_times) if frame_times is not None else [i / fps for i in range(round(seconds * fps))]
             yy, xx = np.mgrid[0:height, 0:width]
@@ -96,9 +104,61 @@ def make_clip(path: str, seconds: float = 2.0, fps: int = 16, size: Tuple[int, i
                                                    format="fltp", layout=_LAYOUTS[channels])
                 frame.sample_rate = sample_rate
                 frame.pts, frame.time_base = start, Fraction(1, sample_rate)
-                container.mux(aus.encode(frame))
+                for converted in resample.resample(frame):
+                    container.mux(aus.encode(converted))
+            for converted in resample.resample(None):
+                container.mux(aus.encode(converted))
             container.mux(aus.encode(None))
     return path
+
+
+def encoder_available(name: str) -> bool:
+    """True when this PyAV build can encode with ``name`` (a key of VIDEO_CODECS or an FFmpeg encoder)."""
+    import av
+
+    try:
+        av.codec.Codec(VIDEO_CODECS.get(name, name), "w")
+        return True
+    except ValueError:
+        return False
+
+
+def make_mixed_media(directory: str) -> Dict[str, Optional[str]]:
+    """A folder as a new user has it: real clips in the containers data sets ship, and files that
+    are not clips. Returns file name -> expected reason prefix (None: kept).
+
+    hello.mpeg: MPEG-2 video + MP2 audio in MPEG-PS; hello.ogg: Theora (VP8 where this PyAV has
+    no Theora encoder) + Vorbis in Ogg; hello.ts: H.264 + AAC in MPEG-TS; long_audio.webm: VP9 +
+    Opus whose audio (4 s) outlasts its video (2 s); sound.wav: audio only; notes.txt: text;
+    sub/cut.mp4: an MP4 cut in half; picture.png: a still image.
+    """
+    import av
+
+    os.makedirs(os.path.join(directory, "sub"), exist_ok=True)
+    p = lambda name: os.path.join(directory, name)  # noqa: E731
+    make_clip(p("hello.mpeg"), seconds=2.5, fps=25, codec="mpeg2", sample_rate=44100, channels=2, seed=21)
+    make_clip(p("hello.ogg"), seconds=2.5, codec="theora" if encoder_available("theora") else "vp8",
+              sample_rate=48000, channels=2, seed=22)
+    make_clip(p("hello.ts"), seconds=2.5, seed=23)
+    make_clip(p("long_audio.webm"), seconds=4.0, codec="vp9", sample_rate=48000,
+              frame_times=[i / 16 for i in range(32)], seed=24)
+    make_clip(p("sound.wav"), seconds=2.5, video=False, seed=25)
+    with open(p("notes.txt"), "w") as f:
+        f.write("shot on a phone, 2024\n")
+    full = make_clip(p("full.tmp.mp4"), seconds=2.5, seed=26)
+    with open(full, "rb") as f:
+        data = f.read()
+    os.unlink(full)
+    with open(p("sub/cut.mp4"), "wb") as f:
+        f.write(data[: len(data) // 2])
+    with av.open(p("picture.png"), "w", format="image2") as container:
+        stream = container.add_stream("png", rate=1)
+        stream.width, stream.height, stream.pix_fmt = 32, 24, "rgb24"
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(np.zeros((24, 32, 3), np.uint8), format="rgb24")))
+        container.mux(stream.encode(None))
+    return {"hello.mpeg": None, "hello.ogg": None, "hello.ts": None, "long_audio.webm": None,
+            "sound.wav": "audio only", "notes.txt": "not a media file", "sub/cut.mp4": "cannot open container",
+            "picture.png": "a still image"}
 
 
 # Bad (and odd but fine) inputs: kind -> (file name, expected reject reason prefix or None = kept).

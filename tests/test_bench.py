@@ -156,3 +156,32 @@ def test_migration_suite_runs_every_case_on_small_sizes(tmp_path, capsys):
     payload = json.loads((tmp_path / "m.json").read_text())
     assert [r["case"] for r in payload["results"]] == ["lemniscate_nce"]
     assert "peer" in payload["results"][0]["speedup"]
+
+
+def test_loader_bench_times_each_decoder_against_the_baseline_on_other_files(tmp_path, capsys):
+    """`bench loader`: ours on MANIFEST (each decoder), the baseline on --baseline-manifest, and
+    the per-stage times; on tiny synthetic clips (the figures mean nothing here, the plumbing does)."""
+    from avidfast.data.prepare import prepare
+    from avidfast.data.synthetic import make_dataset
+    from avidfast.data.torchcodec_video import torchcodec_error
+
+    originals = make_dataset(str(tmp_path / "syn"), 4, 2, seconds=2.0, seed=1, size=(96, 64))
+    copies = prepare(originals, str(tmp_path / "small"), workers=0, transcode="h264", extract_audio="wav",
+                     short_side=32, min_seconds=1.0, progress=False).manifest_path
+    decoders = ["pyav"] + (["torchcodec"] if torchcodec_error() is None else [])
+    out = tmp_path / "loader.json"
+    args = ["bench", "loader", copies, "--baseline-manifest", originals, "--workers", "1", "--batch", "2",
+            "--clips", "2", "--rounds", "1", "--frames", "4", "--crop", "16", "--stages", "1", "--json", str(out)]
+    for decoder in decoders:
+        args += ["--decoder", decoder]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    names = [r["variant"] for r in result["results"]]
+    assert names == ["ours"] + [f"ours-{d}" for d in decoders[1:]] + ["reference-shaped"]
+    assert all(r["median"] > 0 for r in result["results"])
+    stages = {row["loader"]: row for row in result["stages_ms_per_clip"]}
+    assert set(stages) == {f"ours ({d})" for d in decoders} | {"reference-shaped"}
+    assert all(row[stage] > 0 for row in stages.values() for stage in ("decode", "augment", "audio read",
+                                                                        "spectrogram"))
+    assert "on the baseline files" in printed and "decode" in printed

@@ -197,7 +197,7 @@ def test_prepare_leaves_out_earlier_outputs_inside_the_source_folder(tiny, tmp_p
     for out in ("first", "second"):
         done = cli("prepare", src, src / out, "--workers", "0", "--quiet", "--min-seconds", "1", "--transcode", "h264")
         assert done.returncode == 0, done.stderr
-        assert "kept 8 of 8 clips" in done.stdout, done.stdout
+        assert "found 8 files: kept 8, rejected 0" in done.stdout, done.stdout
     assert "left out first/" in done.stderr
 
 
@@ -208,7 +208,7 @@ def test_prepare_warns_about_repeated_rows(tiny, tmp_path):
     done = cli("prepare", dups, tmp_path / "prep", "--workers", "0", "--quiet", "--min-seconds", "1")
     assert done.returncode == 0, done.stderr
     assert "avidfast: warning: 1 row(s)" in done.stderr and "line 10 = line 2" in done.stderr
-    assert "kept 9 of 9 clips" in done.stdout
+    assert "found 9 files: kept 9, rejected 0" in done.stdout
 
 
 # ----------------------------------------------------------------------------- item 9: one line, nothing written

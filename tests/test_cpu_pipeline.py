@@ -2,6 +2,7 @@
 import logging
 import os
 
+import numpy as np
 import pytest
 import torch
 from media import BAD_MEDIA_EXPECTED, make_bad_media, make_clip, real_clips
@@ -9,6 +10,7 @@ from media import BAD_MEDIA_EXPECTED, make_bad_media, make_clip, real_clips
 from avidfast.data.audio import get_preset
 from avidfast.data.cpu_pipeline import BadTestVideo, ClipDataset, CPULoader, TooManyBadSamples
 from avidfast.data.manifest import read_manifest, write_manifest
+from avidfast.data.torchcodec_video import torchcodec_error
 from avidfast.data.synthetic import make_dataset
 from avidfast.data.video import VideoConfig
 
@@ -182,9 +184,46 @@ def test_clips_lie_within_the_video_stream_when_the_audio_is_longer(tmp_path, mo
     monkeypatch.setattr(video_ops, "decode_frames", recording)
     video = VideoConfig(frames=8, crop=32)  # 0.5 s clips
     manifest = read_manifest(str(tmp_path / "m.csv"))
-    ClipDataset(manifest, video=video, mode="eval").load(0, epoch=0, position=0)
+    ClipDataset(manifest, video=video, mode="eval", decoder="pyav").load(0, epoch=0, position=0)
     assert starts == [pytest.approx((2.0 - 0.5) / 2, abs=0.01)]  # the middle of the video, not 1.75 s
-    train = ClipDataset(manifest, video=video, mode="train")
+    train = ClipDataset(manifest, video=video, mode="train", decoder="pyav")
     for position in range(12):
         train.load(0, epoch=0, position=position)
     assert max(starts[1:]) <= 2.0 - 0.5 + 0.01
+
+
+@pytest.mark.skipif(torchcodec_error() is not None, reason=str(torchcodec_error()))
+@pytest.mark.parametrize("kind", ["constant", "variable"])
+def test_torchcodec_decoder_gives_pyavs_frames(tmp_path, kind):
+    """The same frames at the same times from both decoders: identical pixels where nothing is
+    resized; where both resize, only the filters differ (FFmpeg's bilinear vs torch's
+    antialiased bilinear, on a picture with a noisy blue channel)."""
+    from avidfast.data import video as video_ops
+    from avidfast.data.torchcodec_video import decode_frames_torchcodec
+
+    times = None if kind == "constant" else list(np.cumsum(np.random.default_rng(5).choice([0.03, 0.06, 0.1], 40)))
+    path = make_clip(str(tmp_path / "c.mp4"), seconds=3.0, fps=16, size=(96, 64), frame_times=times, seed=17)
+    config = VideoConfig(frames=8, crop=32)
+    for start, crop, size in [(0.0, None, None), (0.45, (8, 16, 32, 32), (32, 32)), (1.6, (10, 30, 32, 32), (32, 32)),
+                              (1.3, (0, 0, 64, 96), (32, 32))]:
+        ours = decode_frames_torchcodec(path, start, config, crop=crop, size=size).astype(np.float32)
+        pyav = video_ops.decode_frames(path, start, config, crop=crop, size=size).astype(np.float32)
+        assert ours.shape == pyav.shape == (8, *(size or (64, 96)), 3)
+        difference = np.abs(ours - pyav).mean(axis=(1, 2, 3))
+        if crop is None or crop[2:] == size:
+            assert difference.max() == 0, (start, difference)
+        else:
+            assert difference.max() < 8, (start, difference)
+    with pytest.raises(ValueError, match="video ends early"):
+        decode_frames_torchcodec(path, 10.0, config)
+
+
+def test_torchcodec_decoder_is_optional(monkeypatch, synthetic):
+    from avidfast.data import cpu_pipeline
+
+    monkeypatch.setattr(cpu_pipeline, "torchcodec_error", lambda: "torchcodec unavailable: ImportError: none")
+    with pytest.raises(ValueError, match="torchcodec unavailable.*decoder='pyav'"):
+        ClipDataset(read_manifest(synthetic), decoder="torchcodec")
+    assert ClipDataset(read_manifest(synthetic)).frame_decoder is cpu_pipeline.video_ops.decode_frames  # default
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        ClipDataset(read_manifest(synthetic), decoder="opencv")

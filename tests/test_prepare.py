@@ -1,7 +1,12 @@
 """Probing and `avidfast prepare`: bad inputs, audio extraction, transcoding, resuming, safety."""
 import csv
+import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import wave
 
 import numpy as np
@@ -14,7 +19,9 @@ from avidfast.data.prepare import records as prepare_records
 from avidfast.data.prepare.pool import WorkerPool
 from avidfast.data.probe import probe, probe_header, reject_reason
 from avidfast.data.synthetic import class_style, make_dataset
-from media import BAD_MEDIA_EXPECTED, crash_task, make_bad_media, make_clip, real_clips, sleep_task, tree_snapshot
+from media import (
+    BAD_MEDIA_EXPECTED, crash_task, make_bad_media, make_clip, make_mixed_media, real_clips, sleep_task, tree_snapshot,
+)
 
 MIN = 1.0  # min_seconds of these tests: too_short (0.5 s) is the only clip below it
 
@@ -135,8 +142,9 @@ def test_prepare_folder(tmp_path, bad):
     summary = prepare(folder, out, workers=0, min_seconds=MIN, progress=False)
     kept = read_manifest(os.path.join(out, "manifest.csv"))
     rejected = read_csv(os.path.join(out, "rejected.csv"))
-    in_folder = {k: v for k, v in files.items() if v.endswith((".mp4", ".mkv", ".webm", ".mov"))}  # not .m4a
-    accepted = {os.path.basename(v) for k, v in in_folder.items() if BAD_MEDIA_EXPECTED[k] is None}
+    in_folder = dict(files)  # every file, the audio-only .m4a too
+    expected = dict(BAD_MEDIA_EXPECTED, no_video="audio only (no video stream)")
+    accepted = {os.path.basename(v) for k, v in in_folder.items() if expected[k] is None}
     assert {os.path.basename(r["path"]) for r in kept.rows} == accepted
     assert kept.columns == ["path"] + [c for c in METADATA_COLUMNS if c != "audio_path"]
     for i, row in enumerate(kept.rows):
@@ -145,8 +153,8 @@ def test_prepare_folder(tmp_path, bad):
         assert row["duration"] >= 1.9 and row["width"] and row["sample_rate"]
     reasons = {os.path.basename(r["path"]): r["reason"] for r in rejected}
     for kind, path in in_folder.items():
-        if BAD_MEDIA_EXPECTED[kind] is not None:
-            assert reasons[os.path.basename(path)].startswith(BAD_MEDIA_EXPECTED[kind])
+        if expected[kind] is not None:
+            assert reasons[os.path.basename(path)].startswith(expected[kind])
     assert (summary.kept, summary.rejected, summary.total) == (len(accepted), len(reasons), len(in_folder))
     assert summary.reasons["cannot open container"] == 2 and summary.probed == len(in_folder)
     assert tree_snapshot(folder) == before  # sources untouched, nothing added next to them
@@ -168,10 +176,71 @@ def test_prepare_manifest_in_worker_processes(tmp_path, bad):
     assert all(r["note"] == f"n-{r['label']}" for r in kept.rows)
     rejected = read_csv(os.path.join(out, "rejected.csv"))
     by_name = {os.path.basename(files[k]): k for k in files}
+    expected = dict(BAD_MEDIA_EXPECTED, no_video="audio only (no video stream)")
     for row in rejected:
-        assert row["reason"].startswith(BAD_MEDIA_EXPECTED[by_name[os.path.basename(row["path"])]])
+        assert row["reason"].startswith(expected[by_name[os.path.basename(row["path"])]])
     assert summary.rejected == len(rejected) == sum(v is not None for v in BAD_MEDIA_EXPECTED.values())
-    assert summary.reasons["no video stream"] == 1  # the .m4a, listed in the manifest
+    assert summary.reasons["audio only"] == 1  # the .m4a, listed in the manifest
+
+
+def test_every_file_is_accounted_for(tmp_path, capsys):
+    """Real clips in the containers data sets ship, with sound, beside files that are not clips:
+    each one is a manifest row or a rejected row with its reason; the summary adds up."""
+    src = tmp_path / "src"
+    expected = make_mixed_media(str(src))
+    (src / ".DS_Store").write_bytes(b"\0\1")
+    (src / ".cache").mkdir()
+    (src / ".cache" / "thumb.mp4").write_bytes(b"")
+    out = tmp_path / "out"
+    notes = []
+    summary = prepare(str(src), str(out), workers=2, min_seconds=MIN, progress=False, transcode="h264",
+                      extract_audio="wav", log=notes.append)
+    kept = read_manifest(str(out / "manifest.csv"))
+    rejected = read_csv(out / "rejected.csv")
+    kept_names = {os.path.relpath(os.path.splitext(r["path"])[0], "videos") for r in kept.rows}
+    assert kept_names == {"hello_mpeg", "hello_ogg", "hello_ts", "long_audio"}  # hello.*: stems told apart
+    reasons = {os.path.relpath(r["path"], os.path.join("..", "src")): r["reason"] for r in rejected}
+    assert set(reasons) == {name for name, reason in expected.items() if reason is not None}
+    for name, reason in reasons.items():
+        assert reason.startswith(expected[name]), (name, reason)
+    assert (summary.total, summary.kept, summary.rejected) == (len(expected), 4, 4)
+    assert summary.kept + summary.rejected == summary.total == len(kept.rows) + len(rejected)
+    assert summary.format().startswith(f"found {len(expected)} files: kept 4, rejected 4")
+    assert any("left out 2 hidden" in note for note in notes + summary.warnings)
+    for i, row in enumerate(kept.rows):  # every kept clip was transcoded and its sound extracted
+        assert row["duration"] >= 1.9 and row["audio_duration"] >= 1.9, row
+        assert _wav(kept.audio_path(i)).std() > 0.05, row  # the sound is there
+    long_audio = next(r for r in kept.rows if "long_audio" in r["path"])
+    assert long_audio["duration"] == pytest.approx(2.0, abs=0.07)
+
+
+def test_webm_audio_outlasting_video_is_not_truncation(tmp_path):
+    """WebM states no per-stream duration: the container's (the longest stream's) must not be
+    taken as the video's promise; a WebM cut short is still caught."""
+    path = make_clip(str(tmp_path / "long_audio.webm"), seconds=4.0, codec="vp9", sample_rate=48000,
+                     frame_times=[i / 16 for i in range(32)], seed=24)
+    for check in ("fast", "full"):
+        result = probe(path, check=check)
+        assert result.error is None, (check, result.error)
+        assert result.duration == pytest.approx(2.0, abs=0.07)
+        assert result.audio_duration == pytest.approx(4.0, abs=0.07)
+    data = open(path, "rb").read()
+    (tmp_path / "cut.webm").write_bytes(data[: len(data) // 2])
+    assert probe(str(tmp_path / "cut.webm")).error.startswith("truncated: ")
+
+
+def test_missing_manifest_row_is_a_rejected_row(tmp_path, synthetic):
+    rows = read_csv(synthetic)
+    src = tmp_path / "list.csv"
+    folder = os.path.dirname(synthetic)
+    with open(src, "w") as f:
+        f.write("path,label\n")
+        f.write(f"{os.path.join(folder, rows[0]['path'])},{rows[0]['label']}\n")
+        f.write(f"{tmp_path / 'gone.mp4'},{rows[0]['label']}\n")
+    summary = prepare(str(src), str(tmp_path / "out"), workers=0, min_seconds=MIN, progress=False,
+                      transcode="h264", extract_audio="wav")
+    assert (summary.total, summary.kept, summary.rejected) == (2, 1, 1)
+    assert read_csv(tmp_path / "out" / "rejected.csv")[0]["reason"] == "no such file"
 
 
 def _wav(path):
@@ -281,6 +350,29 @@ def test_transcode_constant_fps_short_gop(tmp_path, bad, codec):
             assert np.array(videos[i]).shape == (round(row["duration"] * 16), row["height"], row["width"], 3)
 
 
+def test_short_side_copies(tmp_path):
+    """--short-side: the copies' short side is N (aspect kept, even sides, never enlarged); the
+    manifest gives the copies' size, which is the files' own."""
+    src = tmp_path / "src"
+    make_clip(str(src / "wide.mp4"), seconds=2.0, size=(97, 61), seed=31)
+    make_clip(str(src / "tall.mp4"), seconds=2.0, size=(48, 64), seed=32)
+    make_clip(str(src / "small.mp4"), seconds=2.0, size=(40, 24), seed=33)
+    out = str(tmp_path / "out")
+    prepare(str(src), out, workers=0, transcode="vp9", short_side=32, min_seconds=MIN, progress=False)
+    kept = read_manifest(os.path.join(out, "manifest.csv"))
+    sizes = {os.path.basename(row["path"]): (row["width"], row["height"]) for row in kept.rows}
+    assert sizes == {"wide.webm": (50, 32), "tall.webm": (32, 42), "small.webm": (40, 24)}
+    for i, row in enumerate(kept.rows):
+        result = probe(kept.path(i), check="full")
+        assert result.error is None and (result.width, result.height) == (row["width"], row["height"])
+    again = prepare(str(src), out, workers=0, transcode="vp9", short_side=40, min_seconds=MIN, progress=False)
+    assert again.processed == 3  # another size: outputs redone
+    with pytest.raises(PrepareError, match="needs transcode"):
+        prepare(str(src), str(tmp_path / "o2"), short_side=32, progress=False)
+    with pytest.raises(PrepareError, match="short_side must be"):
+        prepare(str(src), str(tmp_path / "o2"), transcode="h264", short_side=8, progress=False)
+
+
 def test_transcode_keeps_the_picture(tmp_path, synthetic):
     """A 16 fps source re-encoded at 16 fps: frame k of the output shows frame k of the source."""
     import av
@@ -333,6 +425,78 @@ def test_rerun_resumes_without_probing_again(tmp_path, synthetic, monkeypatch):
     assert not [f for _, _, fs in os.walk(out) for f in fs if f.endswith(".tmp")]
 
 
+def _finished(out):
+    """Source path -> outputs of every file whose record says its outputs are complete."""
+    state = os.path.join(out, ".prepare")
+    done = {}
+    for name in os.listdir(state) if os.path.isdir(state) else []:
+        if name.endswith(".json") and name != "options.json" and not name.startswith("."):
+            with open(os.path.join(state, name)) as f:
+                record = json.load(f)
+            if "result" in record.get("outputs", {}):
+                done[record["source"]] = record["outputs"]["result"]
+    return done
+
+
+def test_sigkill_half_way_resumes_without_redoing_finished_files(tmp_path):
+    """A real kill -9 of the process group (the run and its worker) half-way through a folder."""
+    src = tmp_path / "src"
+    for i in range(6):
+        make_clip(str(src / f"clip_{i}.mp4"), seconds=3.0, size=(160, 120), seed=40 + i)
+    out = str(tmp_path / "out")
+    args = [sys.executable, "-m", "avidfast.cli", "prepare", str(src), out, "--transcode", "h264",
+            "--extract-audio", "wav", "--workers", "1", "--min-seconds", "1", "--quiet"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    run = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while len(_finished(out)) < 2 and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.communicate()
+    assert run.returncode == -signal.SIGKILL
+    finished = _finished(out)
+    assert 2 <= len(finished) < 6, len(finished)  # killed half-way
+    assert not os.path.exists(os.path.join(out, "manifest.csv"))  # nothing listed before the run ends
+    stamps = {os.path.join(out, files[k]["path"]): os.stat(os.path.join(out, files[k]["path"])).st_mtime_ns
+              for files in finished.values() for k in ("video", "audio")}
+
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    summary = done.stdout.splitlines()[0]
+    assert summary.startswith("found 6 files: kept 6, rejected 0"), summary
+    assert f"{6 - len(finished)} processed, {len(finished)} reused" in summary, summary
+    assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps  # finished files not redone
+    kept = read_manifest(os.path.join(out, "manifest.csv"))
+    for i in range(len(kept)):  # every listed output is whole
+        video = probe(kept.path(i))
+        assert video.error is None and video.duration == pytest.approx(3.0, abs=0.07), video
+        assert len(_wav(kept.audio_path(i))) == pytest.approx(kept.rows[i]["audio_duration"] * 24000, abs=1)
+        assert kept.rows[i]["audio_duration"] >= 2.95
+    assert not [f for _, _, fs in os.walk(out) for f in fs if f.endswith(".tmp")]  # the kill's leftovers are gone
+
+
+def test_run_with_other_options_stopped_half_way_leaves_no_outdated_manifest(tmp_path, synthetic, monkeypatch):
+    out = str(tmp_path / "out")
+    prepare(synthetic, out, workers=0, transcode="h264", min_seconds=MIN, progress=False)
+    calls = []
+    real = prepare_records.process_task
+
+    def stop_after_one(payload):
+        if calls:
+            raise KeyboardInterrupt  # the run is stopped while the second file is re-encoded
+        calls.append(payload)
+        return real(payload)
+
+    monkeypatch.setattr(prepare_records, "process_task", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(synthetic, out, workers=0, transcode="h264", fps=8, min_seconds=MIN, progress=False)
+    assert not os.path.exists(os.path.join(out, "manifest.csv"))  # it listed 16 fps files, one is now 8 fps
+    monkeypatch.undo()
+    again = prepare(synthetic, out, workers=0, transcode="h264", fps=8, min_seconds=MIN, progress=False)
+    assert (again.processed, again.reused) == (2, 1)
+    assert [row["fps"] for row in read_manifest(os.path.join(out, "manifest.csv")).rows] == [8, 8, 8]
+
+
 def test_refuses_to_write_over_sources(tmp_path, bad):
     folder, files = bad
     with pytest.raises(PrepareError, match="source folder"):
@@ -383,7 +547,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, bad):
         assert err.startswith("avidfast: error: ") and err.count("\n") == 1 and expected in err, err
     assert main(["prepare", folder, str(tmp_path / "ok"), "--workers", "0", "--min-seconds", "1", "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "kept 6 of 13 clips" in printed and "cannot open container" in printed
+    assert "found 14 files: kept 6, rejected 8" in printed and "cannot open container" in printed  # .m4a too
 
 
 def test_reason_kinds():

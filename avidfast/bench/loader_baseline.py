@@ -16,7 +16,7 @@ from avidfast.data.cpu_pipeline import ClipDataset
 from avidfast.data.sampling import sample_generator
 
 
-def _pil_frames(path: str, start: float, config: video_ops.VideoConfig):
+def pil_frames(path: str, start: float, config: video_ops.VideoConfig):
     """The frames shown at start + i / fps as PIL images: seek, decode forward, convert each
     needed frame with frame.to_image()."""
     import av
@@ -47,7 +47,7 @@ def _pil_hue(image, hue: float):
     return Image.merge("HSV", (Image.fromarray(shifted.astype(np.uint8), "L"), s, v)).convert("RGB")
 
 
-def _pil_transform(image, aug: video_ops.ClipAugment, config: video_ops.VideoConfig) -> torch.Tensor:
+def pil_transform(image, aug: video_ops.ClipAugment, config: video_ops.VideoConfig) -> torch.Tensor:
     from PIL import Image, ImageEnhance, ImageOps
 
     top, left, h, w = aug.crop
@@ -80,7 +80,7 @@ def numpy_log_spectrogram(wave: np.ndarray, preset: audio_ops.SpectrogramPreset)
     return (10.0 * np.log10(np.maximum(power, audio_ops.AMIN))).T.astype(np.float32)
 
 
-def _numpy_resize_time(spec: np.ndarray, frames: int) -> np.ndarray:
+def numpy_resize_time(spec: np.ndarray, frames: int) -> np.ndarray:
     t = spec.shape[1]
     if t == frames:
         return spec
@@ -95,15 +95,15 @@ class ReferenceShapedDataset(ClipDataset):
         if self.mode != "train":
             raise ValueError("the reference-shaped baseline implements the training transform only")
         path = self.manifest.path(index)
-        duration, audio_duration = self._durations(index)
+        duration, audio_duration = self.durations(index)
         generator = sample_generator(self.seed, epoch, position, attempt)
         start = float(torch.rand((), generator=generator, dtype=torch.float64)) * max(0.0, duration - self.video.seconds)
-        images = _pil_frames(path, start, self.video)
+        images = pil_frames(path, start, self.video)
         aug = video_ops.draw_augment(images[0].height, images[0].width, self.video, generator)
-        video = torch.stack([_pil_transform(image, aug, self.video) for image in images], dim=1)
+        video = torch.stack([pil_transform(image, aug, self.video) for image in images], dim=1)
         window = audio_ops.train_window(start, self.jitter, generator, audio_duration)
         wave = audio_ops.decode_audio(self.manifest.audio_path(index), window.start, window.duration).numpy()
-        spec = _numpy_resize_time(numpy_log_spectrogram(wave * window.gain, self.preset), self.preset.frames)
+        spec = numpy_resize_time(numpy_log_spectrogram(wave * window.gain, self.preset), self.preset.frames)
         if self.stats is not None:
             spec = (spec - self.stats.mean.numpy()[:, None]) / (self.stats.std.numpy()[:, None] + audio_ops.NORM_EPS)
         from avidfast.data.cpu_pipeline import LoadedClip

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from avidfast.cli.common import UserError, check_device, positive_int, read_manifest
+from avidfast.cli.common import UserError, check_device, non_negative_int, positive_int, read_manifest
 from avidfast.data.audio import DALI_PRESETS
 from avidfast.losses.memory_bank import STORAGE_DTYPES
 from avidfast.models.av import PRESETS as MODEL_PRESETS
@@ -96,23 +96,43 @@ def _bench_loader(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if args.dali_device is not None:
         check_device("cuda")
+    from avidfast.bench.loader_stages import format_stage_table, profile_stages
+    from avidfast.data.torchcodec_video import torchcodec_error
+
+    decoders = args.decoder or (["pyav"] + (["torchcodec"] if torchcodec_error() is None else []))
+    if "torchcodec" in decoders and torchcodec_error() is not None:
+        raise UserError(f"--decoder torchcodec: {torchcodec_error()}")
     manifest = read_manifest(args.manifest)
+    baseline_manifest = read_manifest(args.baseline_manifest) if args.baseline_manifest else None
     dali_manifest = read_manifest(args.dali_manifest) if args.dali_manifest else None
     cfg = LoaderBenchConfig(
         video=VideoConfig(frames=args.frames, crop=args.crop), audio_preset=args.audio_preset,
         batch_size=args.batch, workers=args.workers, clips=args.clips, rounds=args.rounds, seed=args.seed,
+        decoders=tuple(dict.fromkeys(decoders)),
     )
+    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     results = run_loader_benchmark(
         manifest, cfg, dali_manifest=dali_manifest, dali_device=args.dali_device, baseline=not args.no_baseline,
-        progress=lambda message: print(message, file=sys.stderr, flush=True),
+        baseline_manifest=baseline_manifest, progress=say,
     )
-    files = args.manifest + (f" (DALI: {args.dali_manifest})" if args.dali_manifest else "")
+    files = args.manifest + (f" (baseline: {args.baseline_manifest})" if args.baseline_manifest else "") \
+        + (f" (DALI: {args.dali_manifest})" if args.dali_manifest else "")
     machine = describe_machine("cuda" if args.dali_device is not None else "cpu")
     print(format_loader_table(results, cfg, machine, files))
+    stages = []
+    if args.stages:
+        say(f"timing the stages of {args.stages} clips per loader (one thread)")
+        stages = [profile_stages(manifest, cfg.video, cfg.audio_preset, args.stages, seed=cfg.seed, decoder=decoder)
+                  for decoder in cfg.decoders]
+        if not args.no_baseline:
+            stages.append(profile_stages(baseline_manifest or manifest, cfg.video, cfg.audio_preset, args.stages,
+                                         seed=cfg.seed, reference_shaped=True))
+        print(format_stage_table(stages))
     if args.json:
         payload = {"machine": machine, "files": files, "config": {k: str(v) for k, v in vars(cfg).items()},
                    "results": [{"variant": r.name, "description": r.description, "clips_per_s": r.rates,
-                                "median": r.median} for r in results]}
+                                "median": r.median} for r in results],
+                   "stages_ms_per_clip": [{"loader": t.name, "clips": t.clips, **t.ms} for t in stages]}
         atomic_write_text(args.json, json.dumps(payload, indent=2) + "\n")
         print(f"wrote {args.json}")
 
@@ -186,6 +206,14 @@ def register(commands) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     loader.add_argument("manifest", metavar="MANIFEST", help="manifest CSV of the clips both CPU loaders read")
+    loader.add_argument("--baseline-manifest",
+                        help="manifest the reference-shaped loader reads, e.g. the originals of MANIFEST's "
+                             "--short-side copies (None: MANIFEST)")
+    loader.add_argument("--decoder", action="append", choices=["pyav", "torchcodec"],
+                        help="our frame decoder to time, repeatable (None: pyav, and torchcodec when it loads)")
+    loader.add_argument("--stages", type=non_negative_int, default=4,
+                        help="also time decode / augment / audio read / spectrogram of this many clips per "
+                             "loader, in one thread (0: skip)")
     loader.add_argument("--dali-manifest", help="manifest for the DALI pipeline (None: DALI is not timed)")
     loader.add_argument("--dali-device", type=int, help="GPU for DALI (None: DALI's CPU mode)")
     loader.add_argument("--no-baseline", action="store_true", help="skip the reference-shaped loader")

@@ -14,8 +14,8 @@ def _prepare(args: argparse.Namespace) -> None:
     try:
         summary = prepare(
             args.src, args.out, root=args.root, workers=args.workers, extract_audio=args.extract_audio,
-            transcode=args.transcode, fps=args.fps, gop=args.gop, min_seconds=args.min_seconds,
-            check=args.check, progress=not args.quiet, video_only=args.video_only,
+            transcode=args.transcode, fps=args.fps, gop=args.gop, short_side=args.short_side,
+            min_seconds=args.min_seconds, check=args.check, progress=not args.quiet, video_only=args.video_only,
             log=lambda note: print(f"avidfast: {note}", file=sys.stderr, flush=True),  # warnings even with --quiet
         )
     except OSError as error:
@@ -80,10 +80,11 @@ def register(commands) -> None:
     """Adds prepare, synthetic and stats to the top-level subparsers."""
     prep = commands.add_parser(
         "prepare", help="probe videos, keep the usable ones, optionally extract audio / re-encode",
-        description="Probes every video of SRC (a manifest CSV, or a folder searched for "
-                    ".mp4/.mkv/.webm/.avi/.mov/.m4v) in worker processes and writes OUT/manifest.csv "
+        description="Probes every file of SRC (a manifest CSV, or a folder: every file in it, hidden "
+                    "ones left out) in worker processes and writes OUT/manifest.csv "
                     "(usable clips with duration, fps, size, audio rate and channels; paths relative "
-                    "to OUT) and OUT/rejected.csv (path, reason). Optionally extracts 24 kHz mono "
+                    "to OUT) and OUT/rejected.csv (path, reason: 'not a media file', 'audio only', "
+                    "'truncated: ...', ...): every file is in one of them. Optionally extracts 24 kHz mono "
                     "audio and re-encodes video at a constant frame rate with a short GOP. Sources "
                     "are never modified; rerunning skips work already done.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -95,6 +96,9 @@ def register(commands) -> None:
     prep.add_argument("--extract-audio", choices=["wav", "flac"], help="write 24 kHz mono audio under OUT/audio")
     prep.add_argument("--transcode", choices=["h264", "vp9"],
                       help="re-encode under OUT/videos: h264 (MP4, for GPU decoding) or vp9 (WebM, decodable by DALI on CPU)")
+    prep.add_argument("--short-side", type=positive_int,
+                      help="with --transcode: scale the copies so their short side is this many pixels (never "
+                           "enlarged; e.g. 128 for 112x112 crops, 256 for 224x224); None: the source's size")
     prep.add_argument("--min-seconds", type=non_negative_float, default=2.0, help="reject shorter clips")
     prep.add_argument("--fps", type=positive_int, default=16, help="frame rate of re-encoded video")
     prep.add_argument("--gop", type=positive_int, default=16, help="keyframe interval of re-encoded video, in frames")

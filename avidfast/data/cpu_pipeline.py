@@ -21,8 +21,9 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from avidfast.data import audio as audio_ops
@@ -31,12 +32,14 @@ from avidfast.data.audio import AudioJitter, SpectrogramPreset, SpectrogramStats
 from avidfast.data.manifest import Manifest, ManifestError
 from avidfast.data.probe import probe_header
 from avidfast.data.sampling import ShardedEpochSampler, replacement_index, sample_generator
+from avidfast.data.torchcodec_video import decode_frames_torchcodec, torchcodec_error
 from avidfast.data.video import VideoConfig
 from avidfast.errors import AvidfastError
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 20  # replacements tried for one position before giving up
+DECODERS = ("pyav", "torchcodec")
 
 
 class TooManyBadSamples(AvidfastError, RuntimeError):
@@ -79,6 +82,11 @@ class ClipDataset(torch.utils.data.Dataset):
     cyclically up to ``video.frames`` (module docstring) instead of failing.
     In evaluation mode a failing video is not replaced: its item has ``bad`` = True, zero
     tensors and its (path, reason) in ``failures``; :class:`CPULoader` decides what follows.
+    ``decoder``: "pyav" (:func:`avidfast.data.video.decode_frames`) or "torchcodec"
+    (:mod:`avidfast.data.torchcodec_video`; ValueError when it cannot load). torchcodec decodes
+    small copies faster, but the loader as a whole was not reliably faster with it (BENCHMARKS.md), so
+    PyAV is the default. A damaged file that PyAV's decoder conceals can fail with torchcodec
+    (and is then replaced like any bad sample).
     """
 
     def __init__(
@@ -96,11 +104,17 @@ class ClipDataset(torch.utils.data.Dataset):
         classes: Optional[Sequence[str]] = None,
         audio: bool = True,
         pad_short: bool = False,
+        decoder: str = "pyav",
     ):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got '{mode}'")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        if decoder == "torchcodec" and torchcodec_error() is not None:
+            raise ValueError(f"decoder='torchcodec': {torchcodec_error()}; use decoder='pyav'")
         if audio:
             check_has_audio(manifest)
+        self.decoder = decoder
         self.manifest, self.video, self.mode, self.jitter = manifest, video, mode, jitter
         self.read_audio, self.pad_short = audio, pad_short
         self.preset = audio_ops.get_preset(audio_preset) if isinstance(audio_preset, str) else audio_preset
@@ -161,7 +175,7 @@ class ClipDataset(torch.utils.data.Dataset):
         """Decodes and transforms row ``index`` (raises on any decode problem)."""
         row = self.manifest.rows[index]
         path = self.manifest.path(index)
-        duration, audio_duration = self._durations(index)
+        duration, audio_duration = self.durations(index)
         # a clip, and (reading audio) the shortest audio window
         needed = max(self.video.seconds, self.jitter.duration[0]) if self.read_audio else self.video.seconds
         decoded = self.video
@@ -172,16 +186,16 @@ class ClipDataset(torch.utils.data.Dataset):
         if self.mode == "train":
             generator = sample_generator(self.seed, epoch, position, attempt)
             start = video_ops.train_start(duration, decoded, generator)
-            height, width = _frame_size(row, path)
+            height, width = frame_size(row, path)
             aug = video_ops.draw_augment(height, width, self.video, generator)
             size = (self.video.crop, self.video.crop)
-            frames = video_ops.decode_frames(path, start, decoded, crop=aug.crop, size=size, threads=self.decode_threads)
+            frames = self.frame_decoder(path, start, decoded, crop=aug.crop, size=size, threads=self.decode_threads)
             video = video_ops.train_transform(frames, aug, self.video)
         else:
             start = video_ops.clip_starts(duration, decoded, self.clips_per_video)[position % self.clips_per_video]
-            height, width = _frame_size(row, path)
+            height, width = frame_size(row, path)
             size = video_ops.eval_size(height, width, self.video.crop)
-            frames = video_ops.decode_frames(path, start, decoded, size=size, threads=self.decode_threads)
+            frames = self.frame_decoder(path, start, decoded, size=size, threads=self.decode_threads)
             video = video_ops.eval_transform(frames, self.video)
         video = pad_frames_cyclically(video, self.video.frames)
         if not self.read_audio:
@@ -195,7 +209,12 @@ class ClipDataset(torch.utils.data.Dataset):
         return LoadedClip(video, spec.unsqueeze(0), index, [])
 
 
-    def _durations(self, index: int) -> Tuple[float, Optional[float]]:
+    @property
+    def frame_decoder(self) -> Callable[..., np.ndarray]:
+        """The frame decoder ``decoder`` names (both take decode_frames's arguments)."""
+        return decode_frames_torchcodec if self.decoder == "torchcodec" else video_ops.decode_frames
+
+    def durations(self, index: int) -> Tuple[float, Optional[float]]:
         """(video, audio) durations in seconds: from the manifest, else probed once per worker. Reading
         video only, the audio is not looked at (its duration is None)."""
         row = self.manifest.rows[index]
@@ -245,7 +264,8 @@ def _stream_duration(path: str, kind: str) -> float:
     return duration
 
 
-def _frame_size(row: Dict[str, object], path: str) -> Tuple[int, int]:
+def frame_size(row: Dict[str, object], path: str) -> Tuple[int, int]:
+    """(height, width) in pixels of a manifest row's video: from the row, else from the file's header."""
     if row.get("height") and row.get("width"):
         return int(row["height"]), int(row["width"])
     header = probe_header(path, "video")

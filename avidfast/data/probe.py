@@ -213,6 +213,11 @@ def _probe(result: ProbeResult, check: str, start_frames: int, tail_seconds: flo
             result.sample_rate = int(ctx.sample_rate) or None
             result.channels = int(ctx.channels) or None
             result.audio_duration = _seconds(audio.duration, audio.time_base)
+        # streams that state no duration of their own (Matroska/WebM) are checked for truncation
+        # against the container's, which is the longest stream's
+        unstated = {kind for kind, has, seconds in (("video", result.has_video, result.duration),
+                                                    ("audio", result.has_audio, result.audio_duration))
+                    if has and seconds is None}
         if result.duration is None and result.has_video and container.duration:
             result.duration = container.duration / 1e6
         if result.audio_duration is None and result.has_audio and container.duration:
@@ -221,7 +226,23 @@ def _probe(result: ProbeResult, check: str, start_frames: int, tail_seconds: flo
             result.duration = result.audio_duration
         if check == "header" or (video is None and audio is None):
             return
+        container_seconds = container.duration / 1e6 if container.duration else None
+        fallback = (result.duration, result.audio_duration)
+        if "video" in unstated:  # measured by the scan, not checked against the container's duration
+            result.duration = None
+        if "audio" in unstated:
+            result.audio_duration = None
         _scan(result, container, video, audio, check, start_frames, tail_seconds, deadline, max_seconds)
+        if result.duration is None:
+            result.duration = fallback[0] if result.has_video else result.audio_duration
+        if result.audio_duration is None:
+            result.audio_duration = fallback[1]
+        if unstated and container_seconds:
+            measured = [seconds for seconds in (result.duration if result.has_video else None,
+                                                result.audio_duration if result.has_audio else None)
+                        if seconds is not None]
+            longest = max(measured) if measured else None
+            _check_truncated(container_seconds, longest, "media" if len(unstated) > 1 else unstated.pop())
 
 
 class _StreamEnd:

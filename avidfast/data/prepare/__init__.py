@@ -1,8 +1,10 @@
 """``avidfast prepare``: probe a collection of videos, keep the usable ones, optionally re-encode.
 
 Input (SRC): a manifest CSV (paths relative to its folder, or to ``root``) or a folder, searched
-recursively for files ending in one of :data:`VIDEO_EXTENSIONS` (hidden files and folders, and
-OUT when it lies inside SRC, are skipped).
+recursively: every file in it is probed (hidden files and folders, OUT when it lies inside SRC and
+the output folders of earlier runs are left out, and the run says how many). Every source is
+accounted for: a row of manifest.csv, or of rejected.csv with the reason ("not a media file",
+"audio only", "no such file", "truncated: ...", ...); ``summary.total == kept + rejected``.
 
 Output folder OUT:
   * ``manifest.csv``: one row per usable clip, in source order, with ``path``, ``label`` (and any
@@ -28,6 +30,10 @@ Output folder OUT:
     the options of the last run. A rerun skips every file whose record matches the file's size and
     modification time and whose outputs exist and were made with the same options (outputs are
     written to a temporary name and renamed when complete, so an existing output is complete).
+    manifest.csv and rejected.csv are written (atomically) only when a run ends; a run with other
+    output options than the last removes them first. So a run stopped at any point, SIGKILL
+    included, resumes without redoing finished files and never leaves a list naming a partial or
+    outdated output.
 
 Sources are only read, never written: OUT may not be the source folder, and no output path may
 be a source file. An OUT already prepared from another source (or root) is refused rather than
@@ -57,6 +63,7 @@ from avidfast.data.prepare.options import (
 from avidfast.data.prepare.pool import WorkerPool
 from avidfast.data.prepare.records import (
     PrepareSummary, manifest_columns, manifest_rows, probe_all, process_all, reason_kind, save_run,
+    withdraw_outdated_lists,
 )
 from avidfast.data.prepare.writers import AUDIO_RATE
 
@@ -66,17 +73,21 @@ __all__ = ["prepare", "PrepareError", "PrepareSummary", "reason_kind", "VIDEO_EX
 
 def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int = 2,
             extract_audio: Optional[str] = None, transcode: Optional[str] = None, fps: int = 16,
-            gop: int = 16, min_seconds: float = 2.0, check: str = "fast", progress: bool = True,
-            log: Optional[Callable[[str], None]] = None, video_only: bool = False) -> PrepareSummary:
+            gop: int = 16, short_side: Optional[int] = None, min_seconds: float = 2.0, check: str = "fast",
+            progress: bool = True, log: Optional[Callable[[str], None]] = None,
+            video_only: bool = False) -> PrepareSummary:
     """Probes SRC, writes ``OUT/manifest.csv`` and ``OUT/rejected.csv``; see the module docstring.
 
     ``extract_audio``: None, "wav" or "flac" (24 kHz mono 16-bit). ``transcode``: None, "h264"
     (libx264 yuv420p in MP4 with AAC audio: for GPU decoding) or "vp9" (libvpx-vp9 realtime in
     WebM with Opus audio, or no audio when ``extract_audio`` is set: DALI's CPU backend decodes
     it). Transcoded video has a constant ``fps`` and a keyframe every ``gop`` frames, and even
-    width and height (odd ones are scaled down by one pixel). ``min_seconds``: shorter clips are
-    rejected. ``check``: how hard each file is probed, see :mod:`avidfast.data.probe`. ``video_only``:
-    keep files without an audio stream (module docstring; not with ``extract_audio`` / ``transcode``).
+    width and height (odd ones are scaled down by one pixel); ``short_side`` (pixels, with
+    ``transcode``) scales it so its short side is that long (never enlarged; e.g. 128 for 112^2
+    crops): decoding and cropping such copies is much cheaper than the originals. ``min_seconds``:
+    shorter clips are rejected. ``check``: how hard each file is probed, see :mod:`avidfast.data.probe`.
+    ``video_only``: keep files without an audio stream (module docstring; not with ``extract_audio`` /
+    ``transcode``).
     ``log`` receives one-line notes and warnings (default: stderr when ``progress``); the
     warnings are also in ``summary.warnings``.
     Raises :class:`PrepareError` for bad arguments or inputs, and when no clip is usable (with the
@@ -84,17 +95,22 @@ def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int 
     """
     started = time.monotonic()
     check_arguments(extract_audio=extract_audio, transcode=transcode, check=check, fps=fps, gop=gop,
-                    workers=workers, min_seconds=min_seconds, video_only=video_only)
+                    workers=workers, min_seconds=min_seconds, short_side=short_side, video_only=video_only)
     if log is None:
         log = (lambda message: print(message, file=sys.stderr, flush=True)) if progress else (lambda message: None)
 
     out = os.path.abspath(out_dir)
     skipped: List[str] = []
-    entries, source_root, protected = find_sources(src, root, out, skipped)
+    hidden: List[str] = []
+    entries, source_root, protected = find_sources(src, root, out, skipped, hidden)
     check_out(out, source_root, protected)
     check_same_source(out, src, source_root)
     warnings = [f"warning: left out {relative(folder, os.path.abspath(src))}/ of {src}: an output folder of "
                 "avidfast prepare, not sources" for folder in skipped]
+    if hidden:
+        shown = ", ".join(relative(path, os.path.abspath(src)) for path in hidden[:3])
+        warnings.append(f"note: left out {len(hidden)} hidden file(s)/folder(s) of {src} (name starting with '.': "
+                        f"{shown}{', ...' if len(hidden) > 3 else ''})")
     repeats = repeated_sources(entries)
     if repeats:
         shown = ", ".join(f"line {row + 1} = line {first + 1}: {key}" for row, first, key in repeats[:3])
@@ -118,6 +134,10 @@ def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int 
                "extract_audio": extract_audio, "version": OUTPUT_VERSION}
     if video_only:  # recorded only when set, so earlier runs' options stay the same
         options["video_only"] = True
+    if short_side is not None:  # only when asked, so that outputs made before the option existed still match
+        options["short_side"] = short_side
+    if withdraw_outdated_lists(state, out, options):
+        log(f"note: other output options than last time: {out}/manifest.csv withdrawn until this run ends")
     save_run(state, src, source_root, options, check, min_seconds)
 
     summary = PrepareSummary(os.path.join(out, "manifest.csv"), os.path.join(out, "rejected.csv"))

@@ -1,7 +1,13 @@
 """Finding the sources of ``avidfast prepare`` (a folder or a manifest) and planning where outputs go.
 
 Nothing here writes: it lists the source files in order, with the path each output mirrors, the
-real paths that must never be written, and checks that OUT is safe to write into.
+real paths that must never be written, checks that OUT is safe to write into, and says why a
+probed source is not a usable clip (:func:`source_reason`).
+
+Every file of a folder SRC is a source, whatever its name: what it holds is found by probing its
+content, so that a file is either kept or rejected with a reason, never silently left out. The
+only files not listed are hidden ones (name starting with "."), OUT and the output folders of
+earlier runs; :func:`find_sources` reports how many it left out so the caller can say so.
 """
 import hashlib
 import json
@@ -12,8 +18,12 @@ from typing import Dict, List, Optional, Tuple
 
 from avidfast.data.manifest import ManifestError, read_manifest
 from avidfast.data.prepare.options import AUDIO_FORMATS, STATE_DIR, TRANSCODES, PrepareError
+from avidfast.data.probe import ProbeResult, reject_reason
 
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
+# What data sets ship video in. A file with another extension is probed all the same; one that
+# FFmpeg cannot open is then "not a media file" rather than a broken video.
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".m2ts", ".ogv",
+                    ".ogg", ".flv", ".3gp", ".wmv")
 
 
 @dataclass
@@ -38,12 +48,13 @@ def is_prepared_folder(path: str) -> bool:
     return os.path.isdir(os.path.join(path, STATE_DIR))
 
 
-def find_sources(src: str, root: Optional[str], out: str,
-                 skipped: Optional[List[str]] = None) -> Tuple[List[Entry], str, set]:
+def find_sources(src: str, root: Optional[str], out: str, skipped: Optional[List[str]] = None,
+                 hidden: Optional[List[str]] = None) -> Tuple[List[Entry], str, set]:
     """Entries in source order, the source root, and the real paths that must never be written.
 
-    A folder SRC is searched without OUT, hidden folders and the output folders of earlier
-    prepare runs (each appended to ``skipped`` when given): their videos/ are outputs, not sources.
+    A folder SRC lists every file in it and its subfolders except OUT, the output folders of
+    earlier prepare runs (appended to ``skipped`` when given: their videos/ are outputs, not
+    sources) and hidden files and folders (appended to ``hidden`` when given).
     """
     if os.path.isdir(src):
         if root is not None:
@@ -54,7 +65,11 @@ def find_sources(src: str, root: Optional[str], out: str,
             kept_folders = []
             for name in sorted(folders):
                 path = os.path.abspath(os.path.join(directory, name))
-                if name.startswith(".") or path == out:
+                if path == out:
+                    continue
+                if name.startswith("."):
+                    if hidden is not None:
+                        hidden.append(path)
                     continue
                 if is_prepared_folder(path):
                     if skipped is not None:
@@ -63,11 +78,14 @@ def find_sources(src: str, root: Optional[str], out: str,
                 kept_folders.append(name)
             folders[:] = kept_folders
             for name in sorted(files):
-                if not name.startswith(".") and name.lower().endswith(VIDEO_EXTENSIONS):
-                    path = os.path.join(directory, name)
-                    entries.append(Entry(path, relative(path, base), {}))
+                path = os.path.join(directory, name)
+                if name.startswith("."):
+                    if hidden is not None:
+                        hidden.append(path)
+                    continue
+                entries.append(Entry(path, relative(path, base), {}))
         if not entries:
-            raise PrepareError(f"{src}: no video files found (looked for {', '.join(VIDEO_EXTENSIONS)})")
+            raise PrepareError(f"{src}: no files found (hidden files and folders are left out)")
         protected = {os.path.realpath(e.source) for e in entries}
         return entries, base, protected
     if os.path.isfile(src):
@@ -92,6 +110,27 @@ def find_sources(src: str, root: Optional[str], out: str,
         protected = {os.path.realpath(e.source) for e in entries} | {os.path.realpath(src)}
         return entries, manifest.root, protected
     raise PrepareError(f"{src}: no such file or folder")
+
+
+def source_reason(path: str, result: ProbeResult, min_seconds: float, require_audio: bool = True) -> Optional[str]:
+    """Why the probed source ``path`` is not a usable clip (one short line), or None to keep it.
+
+    :func:`avidfast.data.probe.reject_reason`, told apart for files that are not videos at all:
+    "not a media file" (FFmpeg cannot open it and its extension is not a video one), "a still
+    image" and "audio only". Without ``require_audio`` (``--video-only``) a video without sound is kept.
+    """
+    if result.error and result.error.startswith("cannot open container") \
+            and not path.lower().endswith(VIDEO_EXTENSIONS):
+        kind = os.path.splitext(path)[1] or "extension-less"
+        return f"not a media file: FFmpeg cannot open this {kind} file"
+    container = result.container or ""
+    if result.error is None and (container == "image2" or container.endswith("_pipe")):  # a .jpg opens as video
+        return f"a still image, not a video ({result.container})"
+    if result.error is None and result.has_audio and not result.has_video:
+        return "audio only (no video stream)"
+    if result.error is None and not result.has_audio and not result.has_video:
+        return f"no video stream (nor audio; FFmpeg reads it as {result.container})"
+    return reject_reason(result, min_seconds, require_audio=require_audio)
 
 
 def check_out(out: str, source_root: str, protected: set) -> None:

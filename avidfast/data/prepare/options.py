@@ -12,7 +12,8 @@ class PrepareError(AvidfastError, ValueError):
     """A mistake in the arguments or inputs of :func:`prepare` (one line, for the user)."""
 
 
-def check_arguments(*, extract_audio, transcode, check, fps, gop, workers, min_seconds, video_only=False) -> None:
+def check_arguments(*, extract_audio, transcode, check, fps, gop, workers, min_seconds, short_side=None,
+                    video_only=False) -> None:
     """Raises :class:`PrepareError` for an argument of :func:`avidfast.data.prepare.prepare` out of range."""
     if video_only and (extract_audio or transcode):
         raise PrepareError("video_only (--video-only) keeps files without sound for video-only evaluation and "
@@ -32,3 +33,8 @@ def check_arguments(*, extract_audio, transcode, check, fps, gop, workers, min_s
         raise PrepareError(f"workers must be 0 (in this process) or more, got {workers}")
     if not min_seconds >= 0:
         raise PrepareError(f"min_seconds must be >= 0, got {min_seconds}")
+    if short_side is not None:
+        if not isinstance(short_side, int) or isinstance(short_side, bool) or short_side < 16:
+            raise PrepareError(f"short_side must be an integer of at least 16 pixels, got {short_side!r}")
+        if transcode is None:
+            raise PrepareError("short_side scales the re-encoded copies: it needs transcode (h264 or vp9)")

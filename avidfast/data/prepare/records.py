@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from avidfast.data.manifest import METADATA_COLUMNS
-from avidfast.data.prepare.discovery import Entry, planned_outputs, relative
+from avidfast.data.prepare.discovery import Entry, planned_outputs, relative, source_reason
 from avidfast.data.prepare.pool import WorkerPool, progress_bar
 from avidfast.data.prepare.writers import process_task
-from avidfast.data.probe import CHECKS, ProbeResult, probe, reject_reason
+from avidfast.data.probe import CHECKS, ProbeResult, probe
 from avidfast.files import atomic_write_text
 
 
@@ -26,7 +26,7 @@ class PrepareSummary:
 
     manifest_path: str
     rejected_path: str
-    total: int = 0          # source rows (a file listed twice counts twice)
+    total: int = 0          # source files (rows of a manifest SRC: a file listed twice counts twice)
     kept: int = 0
     rejected: int = 0
     reasons: Dict[str, int] = field(default_factory=dict)
@@ -37,7 +37,7 @@ class PrepareSummary:
     warnings: List[str] = field(default_factory=list)  # what the run noticed but did not stop for
 
     def format(self) -> str:
-        lines = [f"kept {self.kept} of {self.total} clips, rejected {self.rejected} "
+        lines = [f"found {self.total} files: kept {self.kept}, rejected {self.rejected} "
                  f"({self.probed} probed, {self.processed} processed, {self.reused} reused; {self.seconds:.1f} s)"]
         for reason, count in sorted(self.reasons.items(), key=lambda item: (-item[1], item[0])):
             lines.append(f"  {count:6d}  {reason}")
@@ -63,6 +63,24 @@ def save_run(state: str, src: str, source_root: str, options: dict, check: str, 
         atomic_write_text(run_path, run)
 
 
+def withdraw_outdated_lists(state: str, out: str, options: dict) -> bool:
+    """Removes OUT's manifest.csv and rejected.csv when this run's output options differ from
+    those they were made with (the run replaces the files they list): a run stopped half-way,
+    even by SIGKILL, then leaves no list describing a mix of old and new outputs. True if removed."""
+    try:
+        with open(os.path.join(state, "options.json")) as f:
+            previous = json.load(f)
+    except (OSError, ValueError):
+        return False
+    manifest = os.path.join(out, "manifest.csv")
+    if not isinstance(previous, dict) or previous.get("outputs") == options or not os.path.isfile(manifest):
+        return False
+    for name in (manifest, os.path.join(out, "rejected.csv")):
+        if os.path.isfile(name):
+            os.unlink(name)
+    return True
+
+
 def manifest_rows(entries: List[Entry], records: Dict[str, dict], out: str, transcode: Optional[str],
                   extract_audio: Optional[str], min_seconds: float,
                   video_only: bool = False) -> Tuple[List[dict], List[dict], Counter]:
@@ -73,7 +91,7 @@ def manifest_rows(entries: List[Entry], records: Dict[str, dict], out: str, tran
     for entry in entries:
         record = records[entry.source]
         result = ProbeResult.from_dict(record["probe"])
-        reason = reject_reason(result, min_seconds, require_audio=not video_only)
+        reason = source_reason(entry.source, result, min_seconds, require_audio=not video_only)
         made = record.get("outputs") if (transcode or extract_audio) else None
         if reason is None and made is not None and made.get("error"):
             reason = made["error"]
@@ -191,7 +209,7 @@ def process_all(unique, stems, records, state, out, options, transcode, extract_
     for source in unique:
         record = records[source]
         result = ProbeResult.from_dict(record["probe"])
-        if reject_reason(result, min_seconds) is not None:
+        if source_reason(source, result, min_seconds) is not None:
             continue
         planned = planned_outputs(out, stems[source], transcode, extract_audio)
         made = record.get("outputs")
@@ -200,7 +218,8 @@ def process_all(unique, stems, records, state, out, options, transcode, extract_
             summary.reused += 1
             continue
         payload = {"source": source, "video": planned.get("video"), "audio": planned.get("audio"),
-                   "transcode": transcode, "fps": fps, "gop": gop, "audio_format": extract_audio,
+                   "transcode": transcode, "fps": fps, "gop": gop, "short_side": options.get("short_side"),
+                   "audio_format": extract_audio,
                    "duration": result.duration, "video_start": result.video_start or 0.0,
                    "channels": result.channels, "sample_rate": result.sample_rate, "out": out}
         tasks.append((source, payload, 120.0 + 30.0 * (result.duration or 60.0)))

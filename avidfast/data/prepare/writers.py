@@ -5,7 +5,7 @@ feeds every output; each output is written under a temporary name and renamed wh
 """
 import os
 from fractions import Fraction
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from avidfast.data.prepare.discovery import relative
 from avidfast.data.probe import error_message, first_video_stream
@@ -180,15 +180,26 @@ class _AudioFile:
             pass
 
 
+def output_size(width: int, height: int, short_side: Optional[int]) -> Tuple[int, int]:
+    """(width, height) in pixels of a re-encoded copy: scaled (never enlarged) so that its short
+    side is ``short_side`` (None: the source's size), the aspect ratio kept, both sides even."""
+    if short_side is not None and min(width, height) > short_side:
+        scale = short_side / min(width, height)
+        width, height = (short_side, round(height * scale / 2) * 2) if width <= height else \
+            (round(width * scale / 2) * 2, short_side)
+    return max(2, width - width % 2), max(2, height - height % 2)
+
+
 class _VideoWriter:
-    """Re-encodes to a constant frame rate with a fixed GOP, plus audio unless it goes to a file."""
+    """Re-encodes to a constant frame rate with a fixed GOP (and the size of :func:`output_size`),
+    plus audio unless it goes to a file."""
 
     def __init__(self, path: str, payload: dict, vin):
         import av
 
         kind, self.fps, gop = payload["transcode"], payload["fps"], payload["gop"]
-        width, height = vin.codec_context.width, vin.codec_context.height
-        self.width, self.height = max(2, width - width % 2), max(2, height - height % 2)
+        self.width, self.height = output_size(vin.codec_context.width, vin.codec_context.height,
+                                              payload.get("short_side"))
         self.total = max(1, int(round((payload["duration"] or 0.0) * self.fps)))
         self.t0 = float(payload["video_start"] or 0.0)
         if kind == "h264":
@@ -229,7 +240,7 @@ class _VideoWriter:
             # each output slot k (at k / fps) shows the input frame nearest in time
             while self.slot < self.total and (self.slot + 0.5) / self.fps < t:
                 self._emit(self.previous)
-        self.previous = frame.reformat(width=self.width, height=self.height, format="yuv420p")
+        self.previous = frame.reformat(width=self.width, height=self.height, format="yuv420p", interpolation="AREA")
 
     def _emit(self, frame) -> None:
         frame.pts, frame.time_base = self.slot, Fraction(1, self.fps)
