@@ -141,7 +141,8 @@ def fail_together(error: Optional[BaseException]) -> None:
     if not failed:
         return
     rank, (host, message) = failed[0]
-    others = f" (and ranks {', '.join(str(r) for r, _ in failed[1:])})" if len(failed) > 1 else ""
+    others = [str(r) for r, _ in failed[1:]]
+    others = f" (and rank{'s' if len(others) > 1 else ''} {', '.join(others)})" if others else ""
     raise RankFailedError(f"rank {rank} of {dist.get_world_size()} (host {host}){others}: {message}; every rank "
                           "stopped") from (error if error is not None else None)
 

@@ -137,8 +137,10 @@ def run_linear_eval(cfg: EvalConfig, encoder: torch.nn.Module, run: EvalRun) -> 
                 scores[b].append(logits[b].softmax(dim=1).cpu())
             index.append(batch["index"].cpu())
             label.append(batch["label"].cpu())
-    index_all, label_all, *gathered = all_gather_rows([torch.cat(index), torch.cat(label)] +
-                                                      [torch.cat(scores[b]) for b in blocks])
+    # a rank may hold no held-out video (more ranks than videos): it gathers empty tables
+    empty_ids, empty_scores = torch.empty(0, dtype=torch.int64), torch.empty(0, num_classes)
+    index_all, label_all, *gathered = all_gather_rows([torch.cat(index or [empty_ids]), torch.cat(label or [empty_ids])]
+                                                      + [torch.cat(scores[b] or [empty_scores]) for b in blocks])
     clip_top1, video_top1 = {}, {}
     for b, s in zip(blocks, gathered):
         clip_top1[b] = float((s.argmax(dim=1) == label_all).double().mean())

@@ -362,6 +362,9 @@ def _place(model: torch.nn.Module, cfg: Config, world: int, device: torch.device
     if cfg.train.channels_last:
         to_channels_last(model)
     if cfg.train.sync_bn and world > 1:
+        if device.type != "cuda":
+            raise TrainingError("train.sync_bn needs GPUs (torch's SyncBatchNorm has no CPU / gloo version); "
+                                "--set train.sync_bn=false on this machine")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
@@ -457,8 +460,9 @@ def _train_epoch(run: _Run, epoch: int, skip_batches: int, tally: _Tally, stop: 
 
 
 def _stop_early(run: _Run, epoch: int, batches_done: int, tally: _Tally, stop: "_StopFlag", bar) -> bool:
-    """A signal or max_steps: a mid-epoch checkpoint, then :func:`_train_epoch` returns True."""
-    tally.interrupted, tally.signal = stop.raised, stop.signum
+    """A signal or max_steps: a mid-epoch checkpoint, then :func:`_train_epoch` returns True. A signal
+    that reached any rank counts as one on every rank (the same exit status everywhere)."""
+    tally.interrupted, tally.signal = _agreed(stop.raised, run.world, run.device), stop.signum
     if bar is not None:
         bar.close()
     run.save(epoch, batches_done)
