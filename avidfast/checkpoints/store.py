@@ -49,21 +49,49 @@ class CheckpointWriteError(CheckpointError):
     would have replaced is unchanged."""
 
 
+class _WriteErrorRecorder:
+    """A binary file whose first failed write (OSError) is remembered: torch.save reports a write the
+    file system refused (a full disk) as a RuntimeError about the stream position."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def _save_reporting_os_errors(state: Dict[str, Any], file) -> None:
+    """torch.save(state, file), raising the OSError of a refused write instead of torch's RuntimeError."""
+    recorder = _WriteErrorRecorder(file)
+    try:
+        torch.save(state, recorder)
+    except RuntimeError:
+        if recorder.error is not None:
+            raise recorder.error from None
+        raise
+
+
 def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
     """Writes state to path atomically (see :func:`avidfast.files.atomic_write`): on any failure
     the partial temporary file is removed and ``path`` keeps its previous content.
     CheckpointWriteError, naming ``path``, when the file system refuses the write (OSError)."""
     try:
-        atomic_write(path, lambda f: torch.save(state, f))
+        atomic_write(path, lambda f: _save_reporting_os_errors(state, f))
     except OSError as error:
         reason = error.strerror or str(error)
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             hint = "free space on that file system (or point out_dir at a larger one)"
         else:
             hint = "check that the folder is writable"
-        kept = "the previous checkpoint there is unchanged" if os.path.isfile(path) else "no earlier file was there"
-        raise CheckpointWriteError(f"checkpoint {path}: could not be written ({reason}); {kept}; {hint}, then "
-                                   "resume") from None
+        kept = "; the file there before is unchanged" if os.path.isfile(path) else ""
+        raise CheckpointWriteError(f"checkpoint {path}: could not be written ({reason}){kept}; {hint}") from None
 
 
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S*) was not an allowed global")

@@ -145,6 +145,7 @@ class _Run:
     manifest: Dict[str, Any]  # the checkpoints' meta["manifest"] (ckpt.manifest_record)
     kept: Optional[str] = None  # the last checkpoint written (or resumed from), in words
     skipped_steps: int = 0  # non-finite steps skipped over the whole run (resumes included)
+    saved_at: Optional[Tuple[int, int]] = None  # (epoch, batches_done) of the last checkpoint this call wrote
 
     def save(self, epoch: int, batches_done: int, keep: bool = False, step: Optional[int] = None) -> str:
         """Writes last.pt (and epoch_NNNN.pt when ``keep``; step_NNNNNNNNN.pt, linked as last.pt,
@@ -180,10 +181,11 @@ class _Run:
                     ckpt.save_checkpoint(self.last_path, payload)
                 if keep:
                     ckpt.save_checkpoint(os.path.join(folder, ckpt.epoch_name(epoch)), payload)
-            except (ckpt.CheckpointWriteError, OSError) as error:
-                failure = error
+            except ckpt.CheckpointWriteError as error:
+                failure = ckpt.CheckpointWriteError(f"{error}; {self.kept_words()}; resume once it can be written")
         fail_together(failure)  # every rank waits for rank 0's write, and stops with it when it failed
         self.kept = f"{self.last_path} ({_position(epoch, batches_done)})"
+        self.saved_at = (epoch, batches_done)
         return self.last_path
 
     def kept_words(self) -> str:
@@ -465,7 +467,8 @@ def _stop_early(run: _Run, epoch: int, batches_done: int, tally: _Tally, stop: "
     tally.interrupted, tally.signal = _agreed(stop.raised, run.world, run.device), stop.signum
     if bar is not None:
         bar.close()
-    run.save(epoch, batches_done)
+    if run.saved_at != (epoch, batches_done):  # not just written as a step checkpoint
+        run.save(epoch, batches_done)
     run.log.info("stopped at epoch %d, batch %d%s; resume with --resume", epoch + 1, batches_done,
                  " (signal)" if tally.interrupted else "")
     return True

@@ -101,7 +101,11 @@ def save_step_checkpoint(folder: str, step: int, last_path: str, write: Callable
     ``keep`` step checkpoints. Returns the step file's path."""
     path = os.path.join(folder, step_name(step))
     write(path)
-    _replace_with_link(path, last_path)
+    try:
+        _replace_with_link(path, last_path)
+    except OSError as error:
+        raise ckpt.CheckpointWriteError(f"checkpoint {last_path}: could not be made the same file as {path} "
+                                        f"({error.strerror or error}); {path} itself is complete") from None
     for name in step_checkpoints(folder)[:-keep]:
         os.unlink(os.path.join(folder, name))
     return path
