@@ -45,7 +45,8 @@ def _check(line: str):
     assert words[0] == "torchrun", line
     args = get_args_parser().parse_args(words[1:])
     assert args.module and args.training_script == "avidfast.cli", line
-    avidfast = build_parser().parse_args([w if w != "..." else "data.manifest=x.csv" for w in args.training_script_args])
+    script_args = [w if w != "..." else "data.manifest=x.csv" for w in args.training_script_args]
+    avidfast = build_parser().parse_args(script_args)
     assert avidfast.handler.__name__ == "_train"
     return args, avidfast
 

@@ -265,8 +265,9 @@ def train(cfg: Config, *, resume: Union[bool, str] = False, max_steps: Optional[
     stale = replace_stale_logs(cfg.run_dir) if state is None and rank == 0 else []
     log = setup_logging(cfg.run_dir, rank)
     if rank == 0:
-        write_run_files(cfg.run_dir, cfg.to_dict(), {"seed": cfg.seed, "world_size": world, "resumed": state is not None,
-                                                     "num_items": len(manifest), "manifest": record})
+        write_run_files(cfg.run_dir, cfg.to_dict(), {"seed": cfg.seed, "world_size": world,
+                                                     "resumed": state is not None, "num_items": len(manifest),
+                                                     "manifest": record})
     for note in notes:
         log.info("%s", note)
     if stale:
