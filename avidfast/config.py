@@ -244,6 +244,12 @@ class TrainSection:
     sync_bn: bool = False
     cudnn_benchmark: bool = True
     keep_epochs: List[int] = field(default_factory=list)  # epochs whose checkpoints are kept
+    # a mid-epoch checkpoint (step_NNNNNNNNN.pt, also last.pt) every this many optimiser steps, so that
+    # a lost worker or node costs at most that many steps; 0: at the end of each epoch only
+    checkpoint_every: int = 0
+    keep_step_checkpoints: int = 2  # the newest step checkpoints kept; older ones are deleted
+    # seconds a rank waits in a collective for its peers before it fails (torch's default: 1800)
+    collective_timeout: float = 1800.0
     log_every: int = 10  # steps between TensorBoard scalars
     progress: bool = True
     # a step whose loss or gradients are NaN / inf is never applied; stop: end the run with an error
@@ -310,6 +316,12 @@ class Config:
                 "in [0, 1] (the share of a memory row kept at an update; the paper's: 0.5)")
         require(all(e >= 1 for e in self.train.keep_epochs), "train.keep_epochs", self.train.keep_epochs,
                 "epochs from 1 on")
+        require(self.train.checkpoint_every >= 0, "train.checkpoint_every", self.train.checkpoint_every,
+                "0 (end of each epoch only) or a number of optimiser steps")
+        require(self.train.keep_step_checkpoints >= 1, "train.keep_step_checkpoints",
+                self.train.keep_step_checkpoints, "1 or more")
+        require(_number(self.train.collective_timeout) and 0 < self.train.collective_timeout < float("inf"),
+                "train.collective_timeout", self.train.collective_timeout, "a positive number of seconds")
         if self.loss.kind == "cma":
             require(self.loss.num_positives >= 1, "loss.num_positives", self.loss.num_positives, "positive")
             require(self.loss.resample_every >= 1, "loss.resample_every", self.loss.resample_every,

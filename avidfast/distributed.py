@@ -1,11 +1,20 @@
-"""torch.distributed helpers: process-group start-up under torchrun, and the collectives the losses
-and the evaluation protocols need, as no-ops when torch.distributed is not initialised."""
+"""torch.distributed helpers: process-group start-up under torchrun, and the collectives the losses,
+the evaluation protocols and the checkpoint exchange need, as no-ops when torch.distributed is not
+initialised. :func:`fail_together` turns an error of one rank into the same error on every rank,
+so that no rank waits in a collective for a peer that has stopped."""
+import datetime
 import os
+import socket
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+
+from avidfast.errors import RankFailedError
+
+# torch's own default for gloo and NCCL collectives: how long a rank waits for its peers
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
 
 
 def is_distributed() -> bool:
@@ -99,15 +108,68 @@ def barrier() -> None:
         dist.barrier()
 
 
-def init_from_env() -> Tuple[int, int, int]:
+def init_from_env(timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> Tuple[int, int, int]:
     """(rank, world size, local rank); under torchrun (WORLD_SIZE > 1) initialises the process
-    group first: NCCL when CUDA is visible (each process on cuda:LOCAL_RANK), else gloo."""
+    group first: NCCL when CUDA is visible (each process on cuda:LOCAL_RANK), else gloo. Every
+    collective of the group gives up after ``timeout_s`` seconds (an error, not a hang) when a
+    peer does not join it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
     return 0, 1, 0
+
+
+def fail_together(error: Optional[BaseException]) -> None:
+    """Raises the same RankFailedError on every rank when any rank passes an error; returns when
+    none does. Call it on every rank at the same point (one all-gather of short strings): the
+    message names the first failing rank, its host and its error, so every rank stops with one
+    clear message instead of waiting for a peer that has stopped. Without a process group:
+    re-raises ``error`` itself."""
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return
+    mine = None if error is None else f"{error}"
+    everyone: List[Optional[Tuple[str, str]]] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, None if mine is None else (socket.gethostname(), mine))
+    failed = [(rank, report) for rank, report in enumerate(everyone) if report is not None]
+    if not failed:
+        return
+    rank, (host, message) = failed[0]
+    others = [str(r) for r, _ in failed[1:]]
+    others = f" (and rank{'s' if len(others) > 1 else ''} {', '.join(others)})" if others else ""
+    raise RankFailedError(f"rank {rank} of {dist.get_world_size()} (host {host}){others}: {message}; every rank "
+                          "stopped") from (error if error is not None else None)
+
+
+def broadcast_bytes(data: Optional[bytes], src: int = 0) -> bytes:
+    """``data`` of rank ``src`` on every rank (the others pass None): a length, then the bytes as a
+    uint8 tensor on :func:`collective_device`. Without a process group: ``data`` itself."""
+    if not is_distributed():
+        return data if data is not None else b""
+    device = collective_device()
+    sending = dist.get_rank() == src
+    length = torch.tensor([len(data) if sending else 0], dtype=torch.int64, device=device)
+    dist.broadcast(length, src)
+    if int(length.item()) == 0:
+        return b""
+    if sending:
+        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    else:
+        payload = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(payload, src)
+    return data if sending else payload.cpu().numpy().tobytes()
+
+
+def all_gather_strings(text: str) -> List[str]:
+    """Every rank's ``text``, in rank order ([text] without a process group)."""
+    if not is_distributed():
+        return [text]
+    everyone: List[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(everyone, text)
+    return everyone

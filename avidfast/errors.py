@@ -32,3 +32,8 @@ class RunFolderError(AvidfastError, ValueError):
 class NonFiniteError(AvidfastError, FloatingPointError):
     """A loss, gradient or state that is NaN or infinite, refused before it reaches weights, memory
     banks, partition constants or checkpoints: the message says where (step, rank) and what to try."""
+
+
+class RankFailedError(AvidfastError, RuntimeError):
+    """One rank of a torch.distributed run failed (a missing file, a bad input, a full disk); every
+    rank raises this same error, naming the failing rank, its host and its error, and stops."""

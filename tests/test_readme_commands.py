@@ -83,9 +83,10 @@ COMMANDS: Dict[str, Run] = {
     "torchrun --nproc-per-node 8 -m avidfast.cli train avid_s6_kinetics --set ...":
         Run(skip="torchrun with 8 processes (GPUs); tests/test_train.py runs two CPU processes under torchrun's "
                  "environment"),
-    "torchrun --nnodes 4 --node-rank $RANK --nproc-per-node 8 --rdzv-endpoint $HOST:29500 "
-    "-m avidfast.cli train avid_s6_kinetics --set ...":
-        Run(skip="several nodes"),
+    "torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint $HOST:29500 --max-restarts 2 "
+    "-m avidfast.cli train avid_s6_kinetics --set ... --resume auto":
+        Run(skip="several nodes; tests/test_multinode.py runs two torchrun agents on one machine, and "
+                 "tests/test_launch_recipes.py parses this line"),
     "avidfast train cma_s6_kinetics --set data.manifest=... "
     "--set loss.init_from=runs/avid-s6-kinetics/checkpoints/epoch_0200.pt":
         Run(replace={"data.manifest=...": "data.manifest=prep/manifest.csv", "epoch_0200.pt": "epoch_0001.pt"},

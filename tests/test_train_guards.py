@@ -238,7 +238,8 @@ def test_resume_and_init_from_refuse_a_non_finite_checkpoint(tiny_set, tmp_path)
     before = _digests(tmp_path / "run")
     message = _one_line_error(*_train_cli(tiny_set, tmp_path / "run", resume=True))
     assert message == (f"--resume: {last} holds NaN / inf values (criterion.Z) and cannot be continued; copy a finite "
-                       "checkpoint of the run (checkpoints/epoch_NNNN.pt) over it, or start a new run")
+                       "checkpoint of the run (checkpoints/epoch_NNNN.pt or step_NNNNNNNNN.pt) over it, or start a "
+                       "new run")
     assert _digests(tmp_path / "run") == before
     cma = ["loss.kind=cma", f"loss.init_from={last}", "loss.num_positives=2", "loss.num_negatives=3",
            "loss.num_negatives_within=2"]

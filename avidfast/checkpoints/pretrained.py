@@ -12,7 +12,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from avidfast.checkpoints.shared import read_on_every_rank
 from avidfast.checkpoints.store import CheckpointError, load_checkpoint
+from avidfast.distributed import is_distributed
 
 
 class PretrainedError(CheckpointError):
@@ -80,10 +82,11 @@ def load_pretrained(path: str, *, random_init: bool = False, seed: int = 0, trus
     if os.path.isdir(path):
         raise PretrainedError(f"--checkpoint {path}: is a folder; pass a checkpoint file, e.g. "
                               f"{os.path.join(path, 'checkpoints', 'last.pt')}")
-    if not os.path.isfile(path):
+    if not is_distributed() and not os.path.isfile(path):
         raise PretrainedError(f"--checkpoint {path}: no such file")
-    try:
-        state = load_checkpoint(path, trust=trust, trust_option="--trust")
+    try:  # under torchrun: rank 0's file, sent to the ranks whose node has no copy of it
+        state = read_on_every_rank(path, lambda data: load_checkpoint(path, trust=trust, trust_option="--trust",
+                                                                      data=data), "--checkpoint")
     except CheckpointError as error:
         raise PretrainedError(str(error)) from None
     if isinstance(state, dict) and "config" in state and "model" in state and "criterion" in state:

@@ -9,6 +9,8 @@ written with :func:`save_checkpoint` (through :func:`avidfast.files.atomic_write
 ``torch.load(weights_only=True)`` by :func:`load_checkpoint`, which every reader of a checkpoint
 file in avidfast goes through (avidfast's own and the paper's released ones).
 """
+import errno
+import io
 import os
 import pickle
 import random
@@ -42,9 +44,54 @@ def epoch_name(epoch: int) -> str:
     return f"epoch_{epoch:04d}.pt"
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a quota, a read-only folder); the file it
+    would have replaced is unchanged."""
+
+
+class _WriteErrorRecorder:
+    """A binary file whose first failed write (OSError) is remembered: torch.save reports a write the
+    file system refused (a full disk) as a RuntimeError about the stream position."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def _save_reporting_os_errors(state: Dict[str, Any], file) -> None:
+    """torch.save(state, file), raising the OSError of a refused write instead of torch's RuntimeError."""
+    recorder = _WriteErrorRecorder(file)
+    try:
+        torch.save(state, recorder)
+    except RuntimeError:
+        if recorder.error is not None:
+            raise recorder.error from None
+        raise
+
+
 def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
-    """Writes state to path atomically (see :func:`avidfast.files.atomic_write`)."""
-    atomic_write(path, lambda f: torch.save(state, f))
+    """Writes state to path atomically (see :func:`avidfast.files.atomic_write`): on any failure
+    the partial temporary file is removed and ``path`` keeps its previous content.
+    CheckpointWriteError, naming ``path``, when the file system refuses the write (OSError)."""
+    try:
+        atomic_write(path, lambda f: _save_reporting_os_errors(state, f))
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            hint = "free space on that file system (or point out_dir at a larger one)"
+        else:
+            hint = "check that the folder is writable"
+        kept = "; the file there before is unchanged" if os.path.isfile(path) else ""
+        raise CheckpointWriteError(f"checkpoint {path}: could not be written ({reason}){kept}; {hint}") from None
 
 
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S*) was not an allowed global")
@@ -101,7 +148,8 @@ def _damaged(label: str, path: str, error: BaseException) -> DamagedCheckpointEr
 
 
 def read_checkpoint(path: str, map_location: Any = "cpu", *, trust: bool = False,
-                    trust_option: Optional[str] = None, label: str = "checkpoint") -> Tuple[Any, bool]:
+                    trust_option: Optional[str] = None, label: str = "checkpoint",
+                    data: Optional[bytes] = None) -> Tuple[Any, bool]:
     """(the object saved in ``path``, whether it was read with weights_only=True).
 
     The file is read with ``torch.load(weights_only=True)``: tensors and plain containers only,
@@ -111,11 +159,17 @@ def read_checkpoint(path: str, map_location: Any = "cpu", *, trust: bool = False
     ``"--trust"``; None where no such option is offered). A truncated or corrupt file raises
     DamagedCheckpointError, with or without trust. FileNotFoundError when there is no file.
     label: what the file is, for messages ("checkpoint", "reference checkpoint", ...).
+    data: the file's bytes, received from another process (avidfast.checkpoints.shared): read
+    instead of the file, which this process need not have; ``path`` still names it in messages.
     """
-    if not os.path.isfile(path):
+    if data is None and not os.path.isfile(path):
         raise FileNotFoundError(f"{label} {path}: no such file")
+
+    def source():
+        return path if data is None else io.BytesIO(data)
+
     try:
-        return torch.load(path, map_location=map_location, weights_only=True), True
+        return torch.load(source(), map_location=map_location, weights_only=True), True
     except (PermissionError, IsADirectoryError) as error:
         raise CheckpointError(f"{label} {path}: cannot be read ({error.strerror})") from None
     except Exception as error:  # noqa: BLE001 - torch raises many types for damaged files
@@ -132,7 +186,7 @@ def read_checkpoint(path: str, map_location: Any = "cpu", *, trust: bool = False
             f"{label} {path}: cannot be read with weights_only=True ({reason}). Reading it fully unpickles arbitrary "
             f"Python objects, which can run code; if you trust the file's source, pass {trust_option}") from None
     try:
-        return torch.load(path, map_location=map_location, weights_only=False), False
+        return torch.load(source(), map_location=map_location, weights_only=False), False
     except (ImportError, AttributeError) as error:
         raise CheckpointError(f"{label} {path}: cannot be read: unpickling it needs Python code that is not "
                               f"available here ({_first_line(error)})") from None
@@ -141,9 +195,9 @@ def read_checkpoint(path: str, map_location: Any = "cpu", *, trust: bool = False
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu", *, trust: bool = False,
-                    trust_option: Optional[str] = None, label: str = "checkpoint") -> Any:
-    """The object saved in ``path``, read as :func:`read_checkpoint` says."""
-    return read_checkpoint(path, map_location, trust=trust, trust_option=trust_option, label=label)[0]
+                    trust_option: Optional[str] = None, label: str = "checkpoint", data: Optional[bytes] = None) -> Any:
+    """The object saved in ``path`` (or in ``data``, its bytes), read as :func:`read_checkpoint` says."""
+    return read_checkpoint(path, map_location, trust=trust, trust_option=trust_option, label=label, data=data)[0]
 
 
 def non_finite_tensors(state: Mapping[str, Any], parts: Tuple[str, ...] = ("model", "criterion")) -> List[str]:

@@ -17,7 +17,8 @@ def _train(args: argparse.Namespace) -> None:
         overrides += ["loss.init_from=null", "loss.init_from_reference=" + json.dumps(args.init_from_reference)]
     try:
         cfg = load_config(args.config, overrides)
-        result = train(cfg, resume=args.resume, trust_reference=args.trust_reference)
+        result = train(cfg, resume={"no": False, "yes": True, "auto": "auto"}[args.resume],
+                       trust_reference=args.trust_reference)
     except FileNotFoundError as error:
         raise UserError(str(error)) from None
     if result.interrupted:  # the shell's convention: 128 + the signal (Ctrl-C: 130, SIGTERM: 143)
@@ -55,7 +56,10 @@ def register(commands) -> None:
                        help="YAML file, or a shipped config name: " + ", ".join(_shipped_configs()))
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config value, e.g. --set data.manifest=prep/manifest.csv --set optim.lr=1e-4")
-    train.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    train.add_argument("--resume", nargs="?", const="yes", default="no", choices=("no", "yes", "auto"),
+                       help="continue the run from its last checkpoint: --resume (or --resume yes) refuses a folder "
+                            "without one; --resume auto continues when there is one and starts otherwise (for "
+                            "torchrun --max-restarts)")
     train.add_argument("--init-from-reference", metavar="PATH",
                        help="start the model, memory banks and Z from a checkpoint of the paper's code (a released "
                             ".pth.tar); replaces loss.init_from of CMA configs")

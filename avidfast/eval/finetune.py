@@ -265,8 +265,11 @@ def run_finetune(cfg: EvalConfig, video_encoder: torch.nn.Module, run: EvalRun) 
             scores.append(logits.float().softmax(dim=1).cpu())
             index.append(batch["index"].cpu())
             label.append(batch["label"].cpu())
-    scored = scored_test_clips(test, split.test, cfg.data.clips_per_video, {"scores": torch.cat(scores)},
-                               torch.cat(index), torch.cat(label))
+    # a rank may hold no held-out video (more ranks than videos): it gathers empty tables
+    empty_ids, empty_scores = torch.empty(0, dtype=torch.int64), torch.empty(0, num_classes)
+    scored = scored_test_clips(test, split.test, cfg.data.clips_per_video,
+                               {"scores": torch.cat(scores or [empty_scores])},
+                               torch.cat(index or [empty_ids]), torch.cat(label or [empty_ids]))
     scores_all, label_all = scored.scores["scores"], scored.label
     summary = scored.summary()
     return FinetuneResult(

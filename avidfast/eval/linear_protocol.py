@@ -216,8 +216,11 @@ def run_linear_eval(cfg: EvalConfig, encoder: torch.nn.Module, run: EvalRun) -> 
                 scores[b].append(logits[b].float().softmax(dim=1).cpu())
             index.append(batch["index"].cpu())
             label.append(batch["label"].cpu())
-    scored = scored_test_clips(test, split.test, cfg.data.clips_per_video, {b: torch.cat(scores[b]) for b in blocks},
-                               torch.cat(index), torch.cat(label))
+    # a rank may hold no held-out video (more ranks than videos): it gathers empty tables
+    empty_ids, empty_scores = torch.empty(0, dtype=torch.int64), torch.empty(0, num_classes)
+    scored = scored_test_clips(test, split.test, cfg.data.clips_per_video,
+                               {b: torch.cat(scores[b] or [empty_scores]) for b in blocks},
+                               torch.cat(index or [empty_ids]), torch.cat(label or [empty_ids]))
     clip_top1, video_top1 = {}, {}
     for b in blocks:
         s = scored.scores[b]

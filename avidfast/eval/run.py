@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from avidfast.distributed import init_from_env
+from avidfast.distributed import fail_together, init_from_env
 from avidfast.errors import AvidfastError, RunFolderError
 from avidfast.files import atomic_write_text
 
@@ -168,7 +168,13 @@ def run_config_protocol(cfg, checkpoint: str, *, random_init: bool = False, trus
     from avidfast.checkpoints.pretrained import load_pretrained
 
     runner = {"linear": run_linear_eval, "finetune": run_finetune}[cfg.protocol]
-    _check_manifests(cfg)
+    init_from_env()  # under torchrun: the checkpoint is read from rank 0 where a node has no copy
+    failure = None
+    try:
+        _check_manifests(cfg)
+    except AvidfastError as error:
+        failure = error
+    fail_together(failure)
     pretrained = load_pretrained(checkpoint, random_init=random_init, seed=cfg.seed, trust=trust)
     run_dir = cfg.out_dir or default_run_dir(cfg.name, random_init)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the batch must divide before a folder is made

@@ -23,7 +23,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -31,13 +31,13 @@ import torch.distributed as dist
 from avidfast.checkpoints import store as ckpt
 from avidfast.checkpoints.build import build_criterion, build_model, load_reference_init, load_weights
 from avidfast.config import Config
-from avidfast.distributed import init_from_env
-from avidfast.errors import TrainingError
+from avidfast.distributed import fail_together, init_from_env
+from avidfast.errors import AvidfastError, TrainingError
 from avidfast.ops import check_errors
 from avidfast.train.audio_stats import training_stats_path
 from avidfast.train.metrics import MetricsSink
-from avidfast.train.run_folder import (TRAIN_RESULTS, check_writable_folder, held_results, replace_stale_logs,
-                                       setup_logging, write_run_files)
+from avidfast.train.resume import previous_state, read_start_checkpoint, save_step_checkpoint
+from avidfast.train.run_folder import check_writable_folder, replace_stale_logs, setup_logging, write_run_files
 from avidfast.train.step import TrainStep, autocast_dtype, to_channels_last
 
 __all__ = ["TrainResult", "TrainingError", "build_loader", "train"]
@@ -146,12 +146,16 @@ class _Run:
     manifest: Dict[str, Any]  # the checkpoints' meta["manifest"] (ckpt.manifest_record)
     kept: Optional[str] = None  # the last checkpoint written (or resumed from), in words
     skipped_steps: int = 0  # non-finite steps skipped over the whole run (resumes included)
+    saved_at: Optional[Tuple[int, int]] = None  # (epoch, batches_done) of the last checkpoint this call wrote
 
-    def save(self, epoch: int, batches_done: int, keep: bool = False) -> str:
-        """Writes last.pt (and epoch_NNNN.pt when ``keep``) on rank 0; every rank waits for it.
+    def save(self, epoch: int, batches_done: int, keep: bool = False, step: Optional[int] = None) -> str:
+        """Writes last.pt (and epoch_NNNN.pt when ``keep``; step_NNNNNNNNN.pt, linked as last.pt,
+        for a step checkpoint after optimiser step ``step``) on rank 0; every rank waits for it.
 
         TrainingError, writing nothing, when the weights or the criterion's state hold NaN / inf
-        (checked on every rank and agreed, so that all ranks stop together)."""
+        (checked on every rank and agreed, so that all ranks stop together). A write the file
+        system refuses (a full disk) raises CheckpointWriteError naming the file on every rank
+        (RankFailedError under torchrun); the previous checkpoint is left as it was."""
         model_state = ckpt.strip_module_prefix(_unwrap(self.net).state_dict())
         bad = ckpt.non_finite_tensors({"model": model_state, "criterion": self.criterion.state_dict()})
         if _agreed(bool(bad), self.world, self.device):
@@ -159,6 +163,7 @@ class _Run:
             raise TrainingError(f"the state at {_position(epoch, batches_done)} holds NaN / inf values ({where}), "
                                 f"so no checkpoint was written; {self.kept_words()}; try a lower optim.lr or "
                                 "train.precision=fp32")
+        failure = None
         if self.rank == 0:
             payload = {
                 "model": model_state,
@@ -168,13 +173,20 @@ class _Run:
                 "meta": {"time": time.time(), "world_size": self.world, "num_items": self.num_items,
                          "manifest": self.manifest},
             }
-            ckpt.save_checkpoint(self.last_path, payload)
-            if keep:
-                ckpt.save_checkpoint(os.path.join(self.cfg.run_dir, ckpt.CHECKPOINT_DIR, ckpt.epoch_name(epoch)),
-                                     payload)
-        if self.world > 1:
-            dist.barrier()
+            folder = os.path.join(self.cfg.run_dir, ckpt.CHECKPOINT_DIR)
+            try:
+                if step is not None:
+                    save_step_checkpoint(folder, step, self.last_path, lambda path: ckpt.save_checkpoint(path, payload),
+                                         self.cfg.train.keep_step_checkpoints)
+                else:
+                    ckpt.save_checkpoint(self.last_path, payload)
+                if keep:
+                    ckpt.save_checkpoint(os.path.join(folder, ckpt.epoch_name(epoch)), payload)
+            except ckpt.CheckpointWriteError as error:
+                failure = ckpt.CheckpointWriteError(f"{error}; {self.kept_words()}; resume once it can be written")
+        fail_together(failure)  # every rank waits for rank 0's write, and stops with it when it failed
         self.kept = f"{self.last_path} ({_position(epoch, batches_done)})"
+        self.saved_at = (epoch, batches_done)
         return self.last_path
 
     def kept_words(self) -> str:
@@ -200,31 +212,42 @@ class _Tally:
     scaler_skipped: int = 0  # float16: optimiser steps the GradScaler skipped (inf / NaN in scaled gradients)
 
 
-def train(cfg: Config, *, resume: bool = False, max_steps: Optional[int] = None,
+def train(cfg: Config, *, resume: Union[bool, str] = False, max_steps: Optional[int] = None,
           trust_reference: bool = False) -> TrainResult:
     """Runs (or resumes) the training of ``cfg``; returns what was done.
 
-    max_steps stops after that many batches in this call (optimiser steps, and non-finite steps
-    skipped with train.non_finite=skip), with a mid-epoch checkpoint as on SIGTERM: used by tests
-    and for quick trials. TrainingError when a step is not finite (train.non_finite=stop), when a
-    checkpoint would hold NaN / inf, or when the run's previous checkpoint (resume) or its starting
-    checkpoint (loss.init_from) holds NaN / inf or belongs to other manifest rows. trust_reference lets
+    resume: False (a new run), True (continue from the run folder's last checkpoint) or "auto"
+    (continue when there is one, else start: avidfast.train.resume). max_steps stops after that
+    many batches in this call (optimiser steps, and non-finite steps skipped with
+    train.non_finite=skip), with a mid-epoch checkpoint as on SIGTERM: used by tests and for quick
+    trials. TrainingError when a step is not finite (train.non_finite=stop), when a checkpoint would
+    hold NaN / inf, or when the run's previous checkpoint (resume) or its starting checkpoint
+    (loss.init_from) holds NaN / inf or belongs to other manifest rows. trust_reference lets
     cfg.loss.init_from_reference be read beyond weights_only (see load_reference_checkpoint).
+    Under torchrun, an input that fails on one rank (its manifest, its data folder) stops every
+    rank with the same RankFailedError before any training collective.
     """
-    from avidfast.data.manifest import read_manifest
+    from avidfast.data.manifest import check_files_exist, read_manifest
 
     if not cfg.data.manifest:
         raise TrainingError("data.manifest is not set: --set data.manifest=PATH (a CSV from `avidfast prepare`)")
-    check_writable_folder(cfg.run_dir, "out_dir")
-    rank, world, local_rank = init_from_env()
+    rank, world, local_rank = init_from_env(cfg.train.collective_timeout)
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     last_path = os.path.join(cfg.run_dir, ckpt.CHECKPOINT_DIR, ckpt.LAST)
-    state = _previous_state(cfg.run_dir, last_path, resume)
-    manifest = read_manifest(cfg.data.manifest, cfg.data.root)
     # ConfigErrors and TrainingErrors before anything is written to run_dir: every input (checkpoints,
-    # statistics, the loader) is read and checked first, then the run folder is written
-    cfg.check_num_items(len(manifest))
-    cfg.check_epoch_size(len(manifest), world)
+    # statistics, the loader) is read and checked first, then the run folder is written. This rank's
+    # own inputs first, agreed over the ranks before the first collective that reads a checkpoint.
+    failure, manifest = None, None
+    try:
+        check_writable_folder(cfg.run_dir, "out_dir")
+        manifest = read_manifest(cfg.data.manifest, cfg.data.root)
+        check_files_exist(manifest, f"data.manifest {cfg.data.manifest}", "--set data.root")
+        cfg.check_num_items(len(manifest))
+        cfg.check_epoch_size(len(manifest), world)
+    except (AvidfastError, OSError) as error:
+        failure = error
+    fail_together(failure)
+    state = previous_state(cfg.run_dir, last_path, resume)
     record = ckpt.manifest_record(cfg.data.manifest, manifest, cfg.run_dir)
     if state is not None:
         _check_same_manifest(cfg, state, record, "--resume", last_path)
@@ -244,8 +267,9 @@ def train(cfg: Config, *, resume: bool = False, max_steps: Optional[int] = None,
     stale = replace_stale_logs(cfg.run_dir) if state is None and rank == 0 else []
     log = setup_logging(cfg.run_dir, rank)
     if rank == 0:
-        write_run_files(cfg.run_dir, cfg.to_dict(), {"seed": cfg.seed, "world_size": world, "resumed": resume,
-                                                     "num_items": len(manifest), "manifest": record,
+        write_run_files(cfg.run_dir, cfg.to_dict(), {"seed": cfg.seed, "world_size": world,
+                                                     "resumed": state is not None, "num_items": len(manifest),
+                                                     "manifest": record,
                                                      "batch_size_per_process": cfg.per_process_batch(world),
                                                      "global_batch_size": cfg.per_process_batch(world) * world})
     for note in notes:
@@ -255,7 +279,8 @@ def train(cfg: Config, *, resume: bool = False, max_steps: Optional[int] = None,
     step = TrainStep(net, criterion, optimizer, scaler, device, amp_dtype, cfg.train.channels_last,
                      restore_buffers=cfg.train.non_finite == "skip")
     run = _Run(cfg, rank, world, device, last_path, len(manifest), model, net, criterion, optimizer, scaler, loader,
-               step, MetricsSink(cfg.run_dir, cfg.train.log_every, enabled=rank == 0), log, record)
+               step, MetricsSink(cfg.run_dir, cfg.train.log_every, enabled=rank == 0,
+                                 after_step=None if state is None else int(state["criterion"]["step"])), log, record)
     if state is not None:
         run.kept = f"{last_path} ({_position(start_epoch, skip_batches)})"
         run.skipped_steps = int(state.get("skipped_steps", 0))
@@ -275,29 +300,6 @@ def train(cfg: Config, *, resume: bool = False, max_steps: Optional[int] = None,
 def _position(epoch: int, batches_done: int) -> str:
     """Where a checkpoint of (epoch, batches_done) stands, in words."""
     return f"end of epoch {epoch}" if batches_done == 0 else f"epoch {epoch + 1}, batch {batches_done}"
-
-
-def _previous_state(run_dir: str, last_path: str, resume: bool) -> Optional[Dict]:
-    """The checkpoint to resume from (``resume``), or None for a new run in a folder without one.
-    A checkpoint whose weights or criterion hold NaN / inf is refused."""
-    if resume:
-        if not os.path.isfile(last_path):
-            raise TrainingError(f"--resume: no checkpoint at {last_path}; start without --resume")
-        state = ckpt.load_checkpoint(last_path)
-        bad = ckpt.non_finite_tensors(state)
-        if bad:
-            raise TrainingError(f"--resume: {last_path} holds NaN / inf values ({ckpt.describe_names(bad)}) and "
-                                "cannot be continued; copy a finite checkpoint of the run (checkpoints/epoch_NNNN.pt) "
-                                "over it, or start a new run")
-        return state
-    if os.path.isfile(last_path):
-        raise TrainingError(f"{run_dir} already holds a run ({last_path}); pass --resume to continue it, "
-                            "or choose another --set out_dir=... / name=...")
-    earlier = held_results(run_dir, TRAIN_RESULTS)
-    if earlier:
-        raise TrainingError(f"{run_dir} holds {', '.join(earlier)} of an earlier run, but no {ckpt.LAST} to resume "
-                            "from; a new run would write over them: choose another --set out_dir=... / name=...")
-    return None
 
 
 def _check_same_manifest(cfg: Config, state: Dict, record: Dict[str, Any], option: str, path: str) -> None:
@@ -340,7 +342,7 @@ def _starting_point(cfg: Config, num_items: int, record: Dict[str, Any], state: 
         notes.append(f"{'model' if init is None else 'model, banks and Z'} from the reference checkpoint "
                      f"{cfg.loss.init_from_reference}")
     elif cfg.loss.kind == "cma" and state is None:
-        init = ckpt.load_checkpoint(cfg.loss.init_from, label="loss.init_from")
+        init = read_start_checkpoint(cfg.loss.init_from, "loss.init_from")
         _refuse_non_finite(init, "loss.init_from", cfg.loss.init_from)
         _check_same_manifest(cfg, init, record, "loss.init_from", cfg.loss.init_from)
         load_weights(model, ckpt.strip_module_prefix(init["model"]), f"loss.init_from {cfg.loss.init_from}",
@@ -371,6 +373,9 @@ def _place(model: torch.nn.Module, cfg: Config, world: int, device: torch.device
     if cfg.train.channels_last:
         to_channels_last(model)
     if cfg.train.sync_bn and world > 1:
+        if device.type != "cuda":
+            raise TrainingError("train.sync_bn needs GPUs (torch's SyncBatchNorm has no CPU / gloo version); "
+                                "--set train.sync_bn=false on this machine")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
@@ -443,6 +448,9 @@ def _train_epoch(run: _Run, epoch: int, skip_batches: int, tally: _Tally, stop: 
             bar.set_postfix(loss=f"{tally.last_loss:.4f}", clips_s=f"{clips_per_s:.1f}", run_eta=_hms(eta))
         run.metrics.step(int(run.criterion.step), epoch + 1, tally.last_loss, run.optimizer.param_groups[0]["lr"],
                          clips_per_s, data_time, getattr(run.loader, "bad_samples", 0), result.logs)
+        every = cfg.train.checkpoint_every
+        if every and int(run.criterion.step) % every == 0 and batches_done < len(run.loader) + skip_batches:
+            run.save(epoch, batches_done, step=int(run.criterion.step))  # the epoch's end writes its own
         if _agreed(stop.raised or (max_steps is not None and tally.steps + tally.skipped >= max_steps),
                    run.world, run.device):
             return _stop_early(run, epoch, batches_done, tally, stop, bar)
@@ -463,11 +471,13 @@ def _train_epoch(run: _Run, epoch: int, skip_batches: int, tally: _Tally, stop: 
 
 
 def _stop_early(run: _Run, epoch: int, batches_done: int, tally: _Tally, stop: "_StopFlag", bar) -> bool:
-    """A signal or max_steps: a mid-epoch checkpoint, then :func:`_train_epoch` returns True."""
-    tally.interrupted, tally.signal = stop.raised, stop.signum
+    """A signal or max_steps: a mid-epoch checkpoint, then :func:`_train_epoch` returns True. A signal
+    that reached any rank counts as one on every rank (the same exit status everywhere)."""
+    tally.interrupted, tally.signal = _agreed(stop.raised, run.world, run.device), stop.signum
     if bar is not None:
         bar.close()
-    run.save(epoch, batches_done)
+    if run.saved_at != (epoch, batches_done):  # not just written as a step checkpoint
+        run.save(epoch, batches_done)
     run.log.info("stopped at epoch %d, batch %d%s; resume with --resume", epoch + 1, batches_done,
                  " (signal)" if tally.interrupted else "")
     return True

@@ -1,11 +1,15 @@
 """The metrics sink of a training run: ``metrics.csv`` and TensorBoard scalars, on rank 0 only.
 
 ``metrics.csv`` (columns step, epoch, loss, lr, clips_per_s) is appended to, so a resumed run
-continues the file of the run it resumes; the header is written when the file is new. TensorBoard
+continues the file of the run it resumes; the header is written when the file is new. A resumed run
+first drops the rows of the steps after its checkpoint (written by the run that stopped or was
+killed after it), so that every step has one row, from the run that kept it. TensorBoard
 events go to ``<run_dir>/tb``. On other ranks (``enabled=False``) every method does nothing.
 """
 import os
 from typing import Mapping, Optional
+
+from avidfast.files import atomic_write_text
 
 HEADER = "step,epoch,loss,lr,clips_per_s\n"
 
@@ -13,7 +17,9 @@ HEADER = "step,epoch,loss,lr,clips_per_s\n"
 class MetricsSink:
     """Per-step rows and scalars every ``log_every`` global steps, per-epoch scalars, closing."""
 
-    def __init__(self, run_dir: str, log_every: int, enabled: bool = True):
+    def __init__(self, run_dir: str, log_every: int, enabled: bool = True, after_step: Optional[int] = None):
+        """after_step: the global step of the checkpoint a resumed run continues from (rows of later
+        steps are dropped); None for a new run."""
         self.log_every = log_every
         self.writer = None
         self._csv: Optional[object] = None
@@ -24,6 +30,8 @@ class MetricsSink:
         self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
         path = os.path.join(run_dir, "metrics.csv")
         fresh = not os.path.isfile(path)
+        if not fresh and after_step is not None:
+            _drop_rows_after(path, after_step)
         self._csv = open(path, "a")
         if fresh:
             self._csv.write(HEADER)
@@ -56,3 +64,14 @@ class MetricsSink:
             self.writer.close()
             self._csv.close()
             self.writer = self._csv = None
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+    """Rewrites metrics.csv without the rows of steps after ``step`` (atomically; untouched when there
+    are none)."""
+    with open(path) as f:
+        lines = f.read().splitlines(keepends=True)
+    kept = lines[:1] + [line for line in lines[1:] if line.split(",", 1)[0].isdigit()
+                        and int(line.split(",", 1)[0]) <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
