@@ -4,12 +4,14 @@ import os
 import tempfile
 from typing import Optional
 
+from avidfast.checkpoints.shared import read_on_every_rank
 from avidfast.config import Config
 from avidfast.data.audio import SpectrogramStats, get_preset
 from avidfast.data.manifest import Manifest
 from avidfast.data.stats import compute_stats, default_stats_path
 from avidfast.distributed import barrier, is_distributed
 from avidfast.errors import TrainingError
+from avidfast.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +23,9 @@ def training_stats_path(cfg: Config, manifest: Manifest, rank: int) -> Optional[
     data.audio.stats set: that file (checked against the preset). Unset: the manifest's cache
     (:func:`avidfast.data.stats.default_stats_path`, the file `avidfast stats` writes by default),
     reused when present, else computed now by rank 0 with a progress bar and written there
-    atomically while the other ranks wait. TrainingError, naming the command that computes the
+    atomically while the other ranks wait. No shared file system is assumed: a rank whose node has
+    no copy of rank 0's file (or another one) receives its bytes over the process group and writes
+    them to the same path on its own disk. TrainingError, naming the command that computes the
     file, when the cache cannot be written.
     """
     audio = cfg.data.audio
@@ -37,8 +41,15 @@ def training_stats_path(cfg: Config, manifest: Manifest, rank: int) -> Optional[
         _compute_cache(cfg, manifest, path)
     if is_distributed():
         barrier()
+        read_on_every_rank(path, lambda data: _keep_copy(path, data), "data.audio.stats")
     SpectrogramStats.load(path, preset)
     return path
+
+
+def _keep_copy(path: str, data: Optional[bytes]) -> None:
+    """Writes rank 0's statistics (``data``, when this rank's copy was missing or differed) to ``path``."""
+    if data is not None:
+        atomic_write(path, lambda f: f.write(data))
 
 
 def _compute_cache(cfg: Config, manifest: Manifest, path: str) -> None:
