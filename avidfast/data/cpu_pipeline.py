@@ -10,7 +10,7 @@ and stops with :class:`TooManyBadSamples` once they exceed ``max_bad_fraction`` 
 """
 import logging
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import BinaryIO, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -26,6 +26,7 @@ from avidfast.errors import AvidfastError
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 20  # replacements tried for one position before giving up
+MediaSource = Union[str, BinaryIO]  # a file's path, or an open binary file (e.g. a shard member)
 
 
 class TooManyBadSamples(AvidfastError, RuntimeError):
@@ -42,8 +43,8 @@ class LoadedClip:
 
     video: torch.Tensor  # (3, T, H, W) float32
     audio: torch.Tensor  # (1, F, T') float32
-    index: int
-    failures: List[Tuple[str, str]]  # (path, reason) of the files replaced to get here
+    index: int  # memory slot
+    label: Optional[int] = None  # class index, when the data set is labelled
 
 
 class ClipDataset(torch.utils.data.Dataset):
@@ -55,6 +56,8 @@ class ClipDataset(torch.utils.data.Dataset):
     depend on the number of workers. ``label`` is the position of a row's label in ``classes``
     (default: the manifest's own sorted labels; a test set passes its training set's).
     """
+
+    fatal_errors: Tuple[type, ...] = ()  # errors that stop the loader instead of replacing the sample
 
     def __init__(
         self,
@@ -70,17 +73,39 @@ class ClipDataset(torch.utils.data.Dataset):
         decode_threads: int = 1,
         classes: Optional[Sequence[str]] = None,
     ):
-        if mode not in ("train", "eval"):
-            raise ValueError(f"mode must be 'train' or 'eval', got '{mode}'")
-        self.manifest, self.video, self.mode, self.jitter = manifest, video, mode, jitter
-        self.preset = audio_ops.get_preset(audio_preset) if isinstance(audio_preset, str) else audio_preset
-        self.stats, self.clips_per_video, self.seed = stats, clips_per_video, seed
-        self.decode_threads = decode_threads
+        self._configure(video, audio_preset, stats, mode, jitter, clips_per_video, seed, decode_threads)
+        self.manifest = manifest
         self.labels = manifest.label_indices(classes) if manifest.has_labels else None
         self._probed: Dict[int, Tuple[float, float]] = {}
 
+    def _configure(self, video: VideoConfig, audio_preset: Union[str, SpectrogramPreset],
+                   stats: Optional[SpectrogramStats], mode: str, jitter: AudioJitter, clips_per_video: int,
+                   seed: int, decode_threads: int) -> None:
+        """The settings every clip data set shares (see the class docstring)."""
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got '{mode}'")
+        self.video, self.mode, self.jitter = video, mode, jitter
+        self.preset = audio_ops.get_preset(audio_preset) if isinstance(audio_preset, str) else audio_preset
+        self.stats, self.clips_per_video, self.seed = stats, clips_per_video, seed
+        self.decode_threads = decode_threads
+
+    @property
+    def num_videos(self) -> int:
+        """Videos the keys' third element ranges over."""
+        return len(self.manifest)
+
+    def source_name(self, index: int) -> str:
+        """What a bad-sample message names for video ``index``: its file."""
+        return self.manifest.path(index)
+
+    def epoch_sampler(self, *, rank: int, world_size: int, samples_per_epoch: Optional[int], batch_size: int,
+                      workers: int) -> ShardedEpochSampler:
+        """The training sampler of this data set (the batch size and workers do not change its order)."""
+        return ShardedEpochSampler(self.num_videos, rank=rank, world_size=world_size, seed=self.seed,
+                                   samples_per_epoch=samples_per_epoch)
+
     def __len__(self) -> int:
-        return len(self.manifest) * (self.clips_per_video if self.mode == "eval" else 1)
+        return self.num_videos * (self.clips_per_video if self.mode == "eval" else 1)
 
     def __getitem__(self, key: Tuple[int, int, int]) -> Dict[str, torch.Tensor]:
         epoch, position, index = key
@@ -89,50 +114,64 @@ class ClipDataset(torch.utils.data.Dataset):
             try:
                 clip = self.load(index, epoch, position, attempt)
                 break
+            except self.fatal_errors:
+                raise
             except Exception as error:  # noqa: BLE001 - any decoder failure is reported and replaced
                 reason = f"{type(error).__name__}: {error}"
-                path = self.manifest.path(index)
-                log.debug("bad sample %s (row %d): %s; replacing it", path, index, reason)
-                failures.append((path, reason))
-                index = replacement_index(self.seed, epoch, position, attempt, len(self.manifest))
+                name = self.source_name(index)
+                log.debug("bad sample %s (video %d): %s; replacing it", name, index, reason)
+                failures.append((name, reason))
+                index = replacement_index(self.seed, epoch, position, attempt, self.num_videos)
         else:
             raise SampleFailed(f"{MAX_ATTEMPTS} videos in a row failed at position {position}; last: {failures[-1]}")
-        item = {"video": clip.video, "audio": clip.audio, "index": torch.tensor(index)}
+        item = {"video": clip.video, "audio": clip.audio, "index": torch.tensor(clip.index)}
         item["failures"] = "\n".join(f"{path}\t{reason}" for path, reason in failures)
-        if self.labels is not None:
-            item["label"] = torch.tensor(self.labels[index])
+        if clip.label is not None:
+            item["label"] = torch.tensor(clip.label)
         if self.mode == "eval":
             item["clip"] = torch.tensor(position % self.clips_per_video)
         return item
 
     def load(self, index: int, epoch: int, position: int, attempt: int = 0) -> LoadedClip:
         """Decodes and transforms row ``index`` (raises on any decode problem)."""
-        row = self.manifest.rows[index]
         path = self.manifest.path(index)
         duration, audio_duration = self._durations(index)
+        row = self.manifest.rows[index]
+        if row.get("height") and row.get("width"):
+            size = int(row["height"]), int(row["width"])
+        else:
+            size = _probed_frame_size(path)
+        video, spec = self.transform(path, self.manifest.audio_path(index), duration, audio_duration, size,
+                                     epoch, position, attempt)
+        return LoadedClip(video, spec, index, self.labels[index] if self.labels is not None else None)
+
+    def transform(self, video_file: MediaSource, audio_file: MediaSource, duration: float, audio_duration: float,
+                  frame_size: Tuple[int, int], epoch: int, position: int, attempt: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(video (3, T, H, W), spectrogram (1, F, T')) of one clip of ``video_file`` (a path or an
+        open binary file) and its sound in ``audio_file``; ``duration`` / ``audio_duration`` in
+        seconds, ``frame_size`` (height, width) of the stored video. Raises on any decode problem."""
         needed = max(self.video.seconds, self.jitter.duration[0])  # a clip, and the shortest audio window
         if duration < needed:
             raise ValueError(f"file is {duration:.2f} s, shorter than the {needed:.2f} s a clip needs")
+        height, width = frame_size
         if self.mode == "train":
             generator = sample_generator(self.seed, epoch, position, attempt)
             start = video_ops.train_start(duration, self.video, generator)
-            height, width = _frame_size(row, path)
             aug = video_ops.draw_augment(height, width, self.video, generator)
             size = (self.video.crop, self.video.crop)
-            frames = video_ops.decode_frames(path, start, self.video, crop=aug.crop, size=size, threads=self.decode_threads)
+            frames = video_ops.decode_frames(video_file, start, self.video, crop=aug.crop, size=size,
+                                             threads=self.decode_threads)
             video = video_ops.train_transform(frames, aug, self.video)
             window = audio_ops.train_window(start, self.jitter, generator, audio_duration)
         else:
             start = video_ops.clip_starts(duration, self.video, self.clips_per_video)[position % self.clips_per_video]
-            height, width = _frame_size(row, path)
             size = video_ops.eval_size(height, width, self.video.crop)
-            frames = video_ops.decode_frames(path, start, self.video, size=size, threads=self.decode_threads)
+            frames = video_ops.decode_frames(video_file, start, self.video, size=size, threads=self.decode_threads)
             video = video_ops.eval_transform(frames, self.video)
             window = audio_ops.eval_window(start, self.preset, audio_duration)
-        wave = audio_ops.decode_audio(self.manifest.audio_path(index), window.start, window.duration, self.preset.sample_rate)
+        wave = audio_ops.decode_audio(audio_file, window.start, window.duration, self.preset.sample_rate)
         spec = audio_ops.log_spectrogram(wave, self.preset, gain=window.gain, stats=self.stats)
-        return LoadedClip(video, spec.unsqueeze(0), index, [])
-
+        return video, spec.unsqueeze(0)
 
     def _durations(self, index: int) -> Tuple[float, float]:
         """(video, audio) durations in seconds: from the manifest, else probed once per worker."""
@@ -155,9 +194,7 @@ def _stream_duration(path: str, kind: str) -> float:
     return duration
 
 
-def _frame_size(row: Dict[str, object], path: str) -> Tuple[int, int]:
-    if row.get("height") and row.get("width"):
-        return int(row["height"]), int(row["width"])
+def _probed_frame_size(path: str) -> Tuple[int, int]:
     header = probe_header(path, "video")
     if not header.height or not header.width:
         raise ValueError("video has no frame size")
@@ -165,9 +202,9 @@ def _frame_size(row: Dict[str, object], path: str) -> Tuple[int, int]:
 
 
 class _EpochKeys(torch.utils.data.Sampler):
-    """Adds the epoch to a ShardedEpochSampler's (position, index) pairs."""
+    """Adds the epoch to a training sampler's (position, index) pairs (the sampler has ``epoch``)."""
 
-    def __init__(self, sampler: ShardedEpochSampler):
+    def __init__(self, sampler: torch.utils.data.Sampler):
         self.sampler = sampler
 
     def __len__(self) -> int:
@@ -219,14 +256,12 @@ class CPULoader:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         self.dataset, self.max_bad_fraction = dataset, max_bad_fraction
         if dataset.mode == "train":
-            self.sampler = ShardedEpochSampler(
-                len(dataset.manifest), rank=rank, world_size=world_size, seed=dataset.seed,
-                samples_per_epoch=samples_per_epoch,
-            )
+            self.sampler = dataset.epoch_sampler(rank=rank, world_size=world_size, samples_per_epoch=samples_per_epoch,
+                                                 batch_size=batch_size, workers=workers)
             keys = _EpochKeys(self.sampler)
         else:
             self.sampler = None
-            keys = _EvalKeys(len(dataset.manifest), dataset.clips_per_video, rank, world_size)
+            keys = _EvalKeys(dataset.num_videos, dataset.clips_per_video, rank, world_size)
             drop_last = False
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=keys, num_workers=workers, drop_last=drop_last,
@@ -266,8 +301,8 @@ class CPULoader:
                             "max_bad_fraction"
                         )
                 yield batch
-        except SampleFailed as error:
-            raise SampleFailed(_worker_message(str(error), SampleFailed)) from None
+        except AvidfastError as error:  # SampleFailed, or a data set's fatal error, raised in a worker
+            raise type(error)(_worker_message(str(error), type(error))) from None
 
 
 def _worker_message(text: str, kind: type) -> str:

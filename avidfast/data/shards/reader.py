@@ -1,0 +1,107 @@
+"""Reading one sample's members from the shards by index, with the shard files kept open."""
+import io
+import json
+import os
+from collections import OrderedDict
+from typing import Dict, Optional
+
+from avidfast.data.shards.index import AUDIO_MEMBER_EXTENSIONS, ShardError, ShardIndex
+
+OPEN_SHARDS = 4  # shard files each process keeps open (a worker reads a few shards at a time)
+
+
+class MemberFile(io.BytesIO):
+    """A member's bytes as a file object (what PyAV and ``wave`` open), named ``shard.tar:key.ext``."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.name = name
+
+
+class SampleReader:
+    """Positioned reads of sample members; each process opens a shard once and keeps up to
+    :data:`OPEN_SHARDS` open (least recently used closed first). ``opens`` counts the shard opens of
+    this process. Pickles without its open files (for DataLoader workers)."""
+
+    def __init__(self, index: ShardIndex):
+        self.index = index
+        self.opens = 0
+        self._files: "OrderedDict[int, int]" = OrderedDict()
+
+    def __getstate__(self):
+        return {"index": self.index, "opens": 0, "_files": OrderedDict()}
+
+    def _descriptor(self, shard: int) -> int:
+        fd = self._files.get(shard)
+        if fd is not None:
+            self._files.move_to_end(shard)
+            return fd
+        path = self.index.shard_path(shard)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise ShardError(f"shard {path} is missing (listed in the index); restore it, or rewrite the shards "
+                             "with `avidfast prepare ... --shards`") from None
+        self.opens += 1
+        self._files[shard] = fd
+        while len(self._files) > OPEN_SHARDS:
+            _, old = self._files.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def name(self, sample: int, ext: Optional[str] = None) -> str:
+        """``shard-000003.tar:000000042.mp4``-style name of a member (or of the sample)."""
+        entry = self.index.samples[sample]
+        member = f"{entry.key}.{ext}" if ext else entry.key
+        return f"{self.index.shard_path(entry.shard)}:{member}"
+
+    def read(self, sample: int, ext: str) -> bytes:
+        """The data of member ``<key>.<ext>`` of ``sample`` (the sample's number in the index).
+        ValueError when the sample has no such member or the shard ends before the member does."""
+        entry = self.index.samples[sample]
+        if ext not in entry.members:
+            raise ValueError(f"{self.name(sample)} has no .{ext} member")
+        offset, size = entry.members[ext]
+        data = os.pread(self._descriptor(entry.shard), size, offset)
+        if len(data) < size:
+            raise ValueError(f"{self.name(sample, ext)}: shard truncated ({len(data)} of {size} bytes)")
+        return data
+
+    def video_ext(self, sample: int) -> str:
+        """Extension of the sample's video member."""
+        for ext in self.index.samples[sample].members:
+            if ext != "json" and ext not in AUDIO_MEMBER_EXTENSIONS:
+                return ext
+        raise ValueError(f"{self.name(sample)} has no video member")
+
+    def audio_ext(self, sample: int) -> Optional[str]:
+        """Extension of the sample's extracted audio member, None when its audio is in the video."""
+        for ext in self.index.samples[sample].members:
+            if ext in AUDIO_MEMBER_EXTENSIONS:
+                return ext
+        return None
+
+    def metadata(self, sample: int) -> Dict[str, object]:
+        """The sample's JSON member (memory slot ``index``, ``label``, metadata). ValueError when
+        it is not a JSON object with an integer ``index``."""
+        try:
+            payload = json.loads(self.read(sample, "json"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{self.name(sample, 'json')}: not valid JSON ({error})") from None
+        if not isinstance(payload, dict) or not isinstance(payload.get("index"), int):
+            raise ValueError(f"{self.name(sample, 'json')}: no integer 'index' (memory slot)")
+        return payload
+
+    def member_file(self, sample: int, ext: str) -> MemberFile:
+        return MemberFile(self.read(sample, ext), self.name(sample, ext))
+
+    def close(self) -> None:
+        while self._files:
+            _, fd = self._files.popitem()
+            os.close(fd)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
