@@ -25,6 +25,8 @@ class ShardClipDataset(ClipDataset):
     sample's label in ``classes`` (default: the classes the index lists, those of the manifest the
     shards were written from)."""
 
+    fatal_errors = (ShardError,)  # a missing shard stops the loader; a bad member is a bad sample
+
     def __init__(
         self,
         shards: Union[str, ShardIndex],
