@@ -13,7 +13,6 @@ from avidfast.data.prepare import prepare
 from avidfast.data.shards.dataset import ShardClipDataset
 from avidfast.data.shards.index import ShardError, read_index
 from avidfast.data.shards.order import ShardGroupedSampler
-from avidfast.data.shards.writer import write_shards
 from avidfast.data.synthetic import make_dataset
 from avidfast.data.video import VideoConfig
 
@@ -30,8 +29,10 @@ def prepared(tmp_path_factory):
     manifest = read_manifest(os.path.join(out, "manifest.csv"))
     largest = max(os.path.getsize(manifest.path(i)) + os.path.getsize(manifest.audio_path(i)) + 4096
                   for i in range(len(manifest)))
-    index = write_shards(manifest, os.path.join(out, "shards"), shard_bytes=2 * largest)
-    assert len(index.shards) >= 4
+    summary = prepare(source, out, workers=0, extract_audio="wav", min_seconds=1.0, progress=False, shards=True,
+                      shard_bytes=2 * largest)  # a rerun: only the shards are new
+    assert summary.shards == os.path.join(out, "shards", "index.json") and summary.processed == 0
+    assert len(read_index(summary.shards).shards) >= 4
     return manifest, os.path.join(out, "shards")
 
 

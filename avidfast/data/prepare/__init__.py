@@ -21,6 +21,9 @@ Output folder OUT:
     manifest entry outside its root goes under ``_outside/<hash>/``.
   * ``rejected.csv``: ``path`` (relative to OUT, like above) and ``reason`` (one short line).
     When no clip is usable, neither file is written: :class:`PrepareError` gives the reasons.
+  * with ``shards``: ``shards/`` holds the kept clips (the ``path`` file, the extracted audio and
+    a JSON with memory slot, label and metadata per clip) as tar shards of about ``shard_bytes``
+    and their ``index.json`` (:mod:`avidfast.data.shards`), rewritten from manifest.csv by each run.
   * ``.prepare/``: one JSON record per source file (its probe and the outputs made from it) and
     the options of the last run. A rerun skips every file whose record matches the file's size and
     modification time and whose outputs exist and were made with the same options (outputs are
@@ -43,7 +46,7 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional
 
-from avidfast.data.manifest import write_manifest
+from avidfast.data.manifest import Manifest, write_manifest
 from avidfast.data.prepare.discovery import (
     VIDEO_EXTENSIONS, Entry, check_out, check_same_source, find_sources, output_stems, planned_outputs, relative,
     repeated_sources,
@@ -56,6 +59,10 @@ from avidfast.data.prepare.records import (
     PrepareSummary, manifest_columns, manifest_rows, probe_all, process_all, reason_kind, save_run,
 )
 from avidfast.data.prepare.writers import AUDIO_RATE
+from avidfast.data.shards.index import INDEX_NAME
+from avidfast.data.shards.writer import DEFAULT_SHARD_BYTES, write_shards
+
+SHARDS_DIR = "shards"
 
 __all__ = ["prepare", "PrepareError", "PrepareSummary", "reason_kind", "VIDEO_EXTENSIONS", "AUDIO_FORMATS",
            "TRANSCODES", "AUDIO_RATE", "STATE_DIR"]
@@ -63,7 +70,8 @@ __all__ = ["prepare", "PrepareError", "PrepareSummary", "reason_kind", "VIDEO_EX
 
 def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int = 2,
             extract_audio: Optional[str] = None, transcode: Optional[str] = None, fps: int = 16,
-            gop: int = 16, min_seconds: float = 2.0, check: str = "fast", progress: bool = True,
+            gop: int = 16, min_seconds: float = 2.0, check: str = "fast", shards: bool = False,
+            shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
             log: Optional[Callable[[str], None]] = None) -> PrepareSummary:
     """Probes SRC, writes ``OUT/manifest.csv`` and ``OUT/rejected.csv``; see the module docstring.
 
@@ -72,7 +80,8 @@ def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int 
     WebM with Opus audio, or no audio when ``extract_audio`` is set: DALI's CPU backend decodes
     it). Transcoded video has a constant ``fps`` and a keyframe every ``gop`` frames, and even
     width and height (odd ones are scaled down by one pixel). ``min_seconds``: shorter clips are
-    rejected. ``check``: how hard each file is probed, see :mod:`avidfast.data.probe`.
+    rejected. ``check``: how hard each file is probed, see :mod:`avidfast.data.probe`. ``shards``:
+    also write ``OUT/shards`` (tar shards of at most ``shard_bytes`` bytes, 1 GiB by default).
     ``log`` receives one-line notes and warnings (default: stderr when ``progress``); the
     warnings are also in ``summary.warnings``.
     Raises :class:`PrepareError` for bad arguments or inputs, and when no clip is usable (with the
@@ -81,6 +90,8 @@ def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int 
     started = time.monotonic()
     check_arguments(extract_audio=extract_audio, transcode=transcode, check=check, fps=fps, gop=gop,
                     workers=workers, min_seconds=min_seconds)
+    if shard_bytes < 1:
+        raise PrepareError(f"shard_bytes must be >= 1, got {shard_bytes}")
     if log is None:
         log = (lambda message: print(message, file=sys.stderr, flush=True)) if progress else (lambda message: None)
 
@@ -134,6 +145,11 @@ def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int 
     columns = manifest_columns(entries, extract_audio)
     write_manifest(summary.manifest_path, kept_rows, columns=columns)
     write_manifest(summary.rejected_path, rejected_rows, columns=["path", "reason"])
+    if shards:
+        folder = os.path.join(out, SHARDS_DIR)
+        index = write_shards(Manifest(out, kept_rows, columns), folder, shard_bytes=shard_bytes)
+        summary.shards = os.path.join(folder, INDEX_NAME)
+        log(f"wrote {len(index)} clips in {len(index.shards)} shard(s) to {folder}")
     summary.total = len(entries)
     summary.kept = len(kept_rows)
     summary.rejected = len(rejected_rows)
