@@ -182,7 +182,7 @@ def _parse(column: str, value: str, where: str):
     return value
 
 
-_CHUNK_ROWS = 65536  # rows parsed per step: numbers go to arrays a chunk at a time
+_CHUNK_ROWS = 16384  # rows parsed per step: numbers go to arrays a chunk at a time
 _SHARED_VALUES = 100_000  # distinct values beyond which a text column is stored without sharing
 
 
