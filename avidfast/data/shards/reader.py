@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import threading
 from collections import OrderedDict
 from typing import Dict, Optional
 
@@ -21,15 +22,20 @@ class MemberFile(io.BytesIO):
 class SampleReader:
     """Positioned reads of sample members; each process opens a shard once and keeps up to
     :data:`OPEN_SHARDS` open (least recently used closed first). ``opens`` counts the shard opens of
-    this process. Pickles without its open files (for DataLoader workers)."""
+    this process. Safe to share among threads (DALI's reading threads). Pickles without its open
+    files (for DataLoader workers)."""
 
     def __init__(self, index: ShardIndex):
         self.index = index
         self.opens = 0
         self._files: "OrderedDict[int, int]" = OrderedDict()
+        self._lock = threading.Lock()
 
     def __getstate__(self):
-        return {"index": self.index, "opens": 0, "_files": OrderedDict()}
+        return {"index": self.index}
+
+    def __setstate__(self, state):
+        self.__init__(state["index"])
 
     def _descriptor(self, shard: int) -> int:
         fd = self._files.get(shard)
@@ -62,7 +68,8 @@ class SampleReader:
         if ext not in entry.members:
             raise ValueError(f"{self.name(sample)} has no .{ext} member")
         offset, size = entry.members[ext]
-        data = os.pread(self._descriptor(entry.shard), size, offset)
+        with self._lock:  # a descriptor is not closed while another thread reads it
+            data = os.pread(self._descriptor(entry.shard), size, offset)
         if len(data) < size:
             raise ValueError(f"{self.name(sample, ext)}: shard truncated ({len(data)} of {size} bytes)")
         return data
@@ -96,9 +103,10 @@ class SampleReader:
         return MemberFile(self.read(sample, ext), self.name(sample, ext))
 
     def close(self) -> None:
-        while self._files:
-            _, fd = self._files.popitem()
-            os.close(fd)
+        with self._lock:
+            while self._files:
+                _, fd = self._files.popitem()
+                os.close(fd)
 
     def __del__(self):
         try:
