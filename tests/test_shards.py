@@ -168,3 +168,24 @@ def test_a_missing_shard_is_an_error_naming_it(prepared, tmp_path):
     loader = CPULoader(dataset, batch_size=2, workers=2, timeout=120)  # built before the shard went away
     with pytest.raises(ShardError, match=f"shard {missing} is missing"):
         list(loader)
+
+
+def test_training_reads_the_shards_of_its_manifest(prepared, tmp_path):
+    from avidfast.config import load_config
+    from avidfast.errors import TrainingError
+    from avidfast.train.loop import train
+
+    manifest, shards = prepared
+    tiny = ["model.width=4", "data.video.frames=4", "data.video.crop=32", "data.workers=0", "optim.batch_size=4",
+            "loss.num_negatives=4", "optim.epochs=1", "train.progress=false", "train.channels_last=false",
+            "train.precision=fp32"]
+    manifest_path = os.path.join(manifest.root, "manifest.csv")
+    result = train(load_config("demo", tiny + [f"data.manifest={manifest_path}", f"data.shards={shards}",
+                                               f"out_dir={tmp_path / 'run'}"]))
+    assert result.steps == len(manifest) // 4
+    other = tmp_path / "other.csv"
+    other.write_text("path,label\n" + "".join(f"{manifest.rows[i]['path']},{manifest.rows[i]['label']}\n"
+                                               for i in reversed(range(len(manifest)))))
+    with pytest.raises(TrainingError, match="was not written from data.manifest"):
+        train(load_config("demo", tiny + [f"data.manifest={other}", f"data.shards={shards}", "data.root=" + manifest.root,
+                                          f"out_dir={tmp_path / 'run2'}"]))

@@ -33,12 +33,15 @@ class ShardSample:
 @dataclass
 class ShardIndex:
     """The shards of a folder (file names relative to it, sizes in bytes) and their samples, in
-    the order they were written (a sample's number here is not its memory slot)."""
+    the order they were written (a sample's number here is not its memory slot). ``classes``: the
+    labels of the manifest written, in class-index order; ``fingerprint``: its
+    :func:`~avidfast.data.manifest.manifest_fingerprint` (which video each memory slot holds)."""
 
     folder: str
     shards: List[Tuple[str, int]]
     samples: List[ShardSample]
     classes: List[str]
+    fingerprint: str
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -64,7 +67,7 @@ class ShardIndex:
     def save(self) -> None:
         """Writes ``index.json`` atomically."""
         payload = {
-            "version": INDEX_VERSION, "classes": self.classes, "shards": [[name, size] for name, size in self.shards],
+            "version": INDEX_VERSION, "classes": self.classes, "fingerprint": self.fingerprint, "shards": [[name, size] for name, size in self.shards],
             "samples": [[s.shard, s.key, s.slot, {ext: list(span) for ext, span in s.members.items()}]
                         for s in self.samples],
         }
@@ -94,7 +97,7 @@ def read_index(folder: str) -> ShardIndex:
         samples = [ShardSample(int(shard), str(key), int(slot),
                                {str(ext): (int(span[0]), int(span[1])) for ext, span in members.items()})
                    for shard, key, slot, members in payload["samples"]]
-        index = ShardIndex(folder, shards, samples, [str(c) for c in payload["classes"]])
+        index = ShardIndex(folder, shards, samples, [str(c) for c in payload["classes"]], str(payload["fingerprint"]))
     except (KeyError, TypeError, ValueError, IndexError) as error:
         if isinstance(error, ShardError):
             raise
@@ -104,5 +107,8 @@ def read_index(folder: str) -> ShardIndex:
         raise ShardError(f"{path}: the index lists no samples")
     if any(not 0 <= s.shard < len(shards) for s in samples):
         raise ShardError(f"{path}: a sample names a shard the index does not list; rewrite the shards")
+    if sorted(s.slot for s in samples) != list(range(len(samples))):
+        raise ShardError(f"{path}: the samples' memory slots are not 0..{len(samples) - 1}, each once; rewrite the "
+                         "shards")
     index.check_shards()
     return index

@@ -7,7 +7,7 @@ from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from avidfast.data.manifest import METADATA_COLUMNS, Manifest
+from avidfast.data.manifest import METADATA_COLUMNS, Manifest, manifest_fingerprint
 from avidfast.data.shards.index import AUDIO_MEMBER_EXTENSIONS, INDEX_NAME, ShardError, ShardIndex, ShardSample
 from avidfast.files import atomic_write
 
@@ -110,7 +110,7 @@ def write_shards(manifest: Manifest, folder: str, *, shard_bytes: int = DEFAULT_
         shards.append((name, os.path.getsize(os.path.join(folder, name))))
         if progress is not None:
             progress(shard + 1, len(groups))
-    index = ShardIndex(os.path.abspath(folder), shards, samples, manifest.classes)
+    index = ShardIndex(os.path.abspath(folder), shards, samples, manifest.classes, manifest_fingerprint(manifest))
     index.save()
     listed = {name for name, _ in shards} | {INDEX_NAME}
     for name in os.listdir(folder):
