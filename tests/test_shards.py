@@ -31,7 +31,7 @@ def prepared(tmp_path_factory):
                   for i in range(len(manifest)))
     summary = prepare(source, out, workers=0, extract_audio="wav", min_seconds=1.0, progress=False, shards=True,
                       shard_bytes=2 * largest)  # a rerun: only the shards are new
-    assert summary.shards == os.path.join(out, "shards", "index.json") and summary.processed == 0
+    assert summary.shards == os.path.join(out, "shards", "index.npz") and summary.processed == 0
     assert len(read_index(summary.shards).shards) >= 4
     return manifest, os.path.join(out, "shards")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List
 
 from avidfast.data.cpu_pipeline import ClipDataset, CPULoader
-from avidfast.data.manifest import Manifest
+from avidfast.data.manifest import Manifest, manifest_fingerprint
 from avidfast.data.shards.dataset import ShardClipDataset
 from avidfast.data.shards.index import ShardIndex
 from avidfast.data.video import VideoConfig
@@ -109,7 +109,7 @@ def _count_opens(dataset, cfg: ShardBenchConfig) -> int:
 def run_shard_benchmark(manifest: Manifest, index: ShardIndex, cfg: ShardBenchConfig,
                         progress: Callable[[str], None] = lambda message: None) -> List[ShardBenchResult]:
     """Times file-per-clip and shard reading of ``manifest``'s clips (``index``: the same clips as shards)."""
-    if sorted(s.slot for s in index.samples) != list(range(len(manifest))):
+    if index.fingerprint != manifest_fingerprint(manifest):
         raise ValueError(f"the shards in {index.folder} do not hold the {len(manifest)} rows of the manifest; write "
                          "them from it with `avidfast prepare ... --shards`")
     results: Dict[str, ShardBenchResult] = {name: ShardBenchResult(name) for name in ("files", "shards")}

@@ -102,7 +102,7 @@ def register(commands) -> None:
                            "second; or decode every frame")
     prep.add_argument("--shards", action="store_true",
                       help="also write OUT/shards: the kept clips (video, extracted audio, JSON with memory slot, "
-                           "label, metadata) as WebDataset-style tar shards plus index.json")
+                           "label, metadata) as WebDataset-style tar shards plus index.npz")
     prep.add_argument("--shard-mb", type=positive_int, default=1024, help="largest shard size in MiB (with --shards)")
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(handler=_prepare)

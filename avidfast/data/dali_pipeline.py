@@ -616,7 +616,7 @@ class DaliLoader:
             if clips_per_video != 1 or samples_per_epoch is not None:
                 raise ValueError("clips_per_video and samples_per_epoch are not supported on shards: an epoch over "
                                  "shards reads every sample once")
-            self.sampler = ShardGroupedSampler([s.shard for s in manifest.samples], rank=rank, world_size=world_size,
+            self.sampler = ShardGroupedSampler(manifest.shard, rank=rank, world_size=world_size,
                                                seed=seed, shuffle=train, batch_size=batch_size)
         else:
             self.sampler = ShardedEpochSampler(len(manifest), rank=rank, world_size=world_size, seed=seed,
@@ -732,10 +732,12 @@ class DaliLoader:
 
 def _check_manifest_audio(manifest: Union[Manifest, ShardIndex]) -> None:
     if isinstance(manifest, ShardIndex):
-        for sample in manifest.samples:
-            if not any(ext in AUDIO_MEMBER_EXTENSIONS for ext in sample.members):
-                raise DaliInputError(f"shard sample {sample.key} ({manifest.shard_path(sample.shard)}): no WAV/FLAC "
-                                     f"member; DALI decodes audio only from extracted files; {_PREPARE_HINT} --shards")
+        audio = [e for e, ext in enumerate(manifest.exts) if ext in AUDIO_MEMBER_EXTENSIONS]
+        without = np.flatnonzero((manifest.offset[:, audio] < 0).all(axis=1)) if audio else np.arange(len(manifest))
+        if without.size:
+            sample = manifest.samples[int(without[0])]
+            raise DaliInputError(f"shard sample {sample.key} ({manifest.shard_path(sample.shard)}): no WAV/FLAC "
+                                 f"member; DALI decodes audio only from extracted files; {_PREPARE_HINT} --shards")
         return
     for i, row in enumerate(manifest.rows):
         extracted = row.get("audio_path")

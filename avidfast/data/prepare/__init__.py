@@ -23,7 +23,7 @@ Output folder OUT:
     When no clip is usable, neither file is written: :class:`PrepareError` gives the reasons.
   * with ``shards``: ``shards/`` holds the kept clips (the ``path`` file, the extracted audio and
     a JSON with memory slot, label and metadata per clip) as tar shards of about ``shard_bytes``
-    and their ``index.json`` (:mod:`avidfast.data.shards`), rewritten from manifest.csv by each run.
+    and their ``index.npz`` (:mod:`avidfast.data.shards`), rewritten from manifest.csv by each run.
   * ``.prepare/``: one JSON record per source file (its probe and the outputs made from it) and
     the options of the last run. A rerun skips every file whose record matches the file's size and
     modification time and whose outputs exist and were made with the same options (outputs are

@@ -11,9 +11,9 @@ Layout of a shard folder (``avidfast prepare ... --shards`` writes ``OUT/shards/
   ``sample_rate``, ``channels``, ``audio_duration``). A shard holds samples until the next one would
   take it past the shard size (a sample larger than that gets a shard of its own). Samples are
   spread over the shards in a seeded random order, so reading shard by shard is already mixed.
-* ``index.json``: the shards (name, size in bytes) and, per sample, its shard, key, memory slot
-  and the byte offset and size of each member's data, so that any sample is read with one
-  positioned read per member, without scanning the tar.
+* ``index.npz``: the shards (name, size in bytes) and, per sample, its shard, memory slot (the
+  key is the slot, zero-padded to 9 digits) and the byte offset and size of each member's data,
+  so that any sample is read with one positioned read per member, without scanning the tar.
 
 Modules: ``index`` (the index file), ``writer`` (writing shards from a manifest), ``reader`` (the
 members of one sample as bytes, with the shard files kept open per process), ``order`` (which

@@ -20,7 +20,7 @@ from avidfast.data.video import VideoConfig
 
 
 class ShardClipDataset(ClipDataset):
-    """Audio-visual clips of a shard folder (``shards``: the folder, its ``index.json``, or a read
+    """Audio-visual clips of a shard folder (``shards``: the folder, its ``index.npz``, or a read
     :class:`ShardIndex`); the other arguments as for ClipDataset. ``label`` is the position of a
     sample's label in ``classes`` (default: the classes the index lists, those of the manifest the
     shards were written from)."""
@@ -61,7 +61,7 @@ class ShardClipDataset(ClipDataset):
         if samples_per_epoch is not None:
             raise ValueError("samples_per_epoch is not supported on shards: an epoch over shards reads every "
                              "sample once; leave it unset")
-        return ShardGroupedSampler([s.shard for s in self.index.samples], rank=rank, world_size=world_size,
+        return ShardGroupedSampler(self.index.shard, rank=rank, world_size=world_size,
                                    seed=self.seed, batch_size=batch_size, workers=workers)
 
     def load(self, index: int, epoch: int, position: int, attempt: int = 0) -> LoadedClip:

@@ -4,9 +4,9 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
-from avidfast.data.shards.index import AUDIO_MEMBER_EXTENSIONS, ShardError, ShardIndex
+from avidfast.data.shards.index import AUDIO_MEMBER_EXTENSIONS, ShardError, ShardIndex, sample_key
 
 OPEN_SHARDS = 4  # shard files each process keeps open (a worker reads a few shards at a time)
 
@@ -57,33 +57,43 @@ class SampleReader:
 
     def name(self, sample: int, ext: Optional[str] = None) -> str:
         """``shard-000003.tar:000000042.mp4``-style name of a member (or of the sample)."""
-        entry = self.index.samples[sample]
-        member = f"{entry.key}.{ext}" if ext else entry.key
-        return f"{self.index.shard_path(entry.shard)}:{member}"
+        key = sample_key(int(self.index.slot[sample]))
+        member = f"{key}.{ext}" if ext else key
+        return f"{self.index.shard_path(int(self.index.shard[sample]))}:{member}"
+
+    def _span(self, sample: int, ext: str) -> Tuple[int, int]:
+        try:
+            column = self.index.exts.index(ext)
+        except ValueError:
+            column = None
+        if column is None or self.index.offset[sample, column] < 0:
+            raise ValueError(f"{self.name(sample)} has no .{ext} member")
+        return int(self.index.offset[sample, column]), int(self.index.size[sample, column])
 
     def read(self, sample: int, ext: str) -> bytes:
         """The data of member ``<key>.<ext>`` of ``sample`` (the sample's number in the index).
         ValueError when the sample has no such member or the shard ends before the member does."""
-        entry = self.index.samples[sample]
-        if ext not in entry.members:
-            raise ValueError(f"{self.name(sample)} has no .{ext} member")
-        offset, size = entry.members[ext]
+        offset, size = self._span(sample, ext)
+        shard = int(self.index.shard[sample])
         with self._lock:  # a descriptor is not closed while another thread reads it
-            data = os.pread(self._descriptor(entry.shard), size, offset)
+            data = os.pread(self._descriptor(shard), size, offset)
         if len(data) < size:
             raise ValueError(f"{self.name(sample, ext)}: shard truncated ({len(data)} of {size} bytes)")
         return data
 
+    def _exts(self, sample: int) -> List[str]:
+        return [ext for e, ext in enumerate(self.index.exts) if self.index.offset[sample, e] >= 0]
+
     def video_ext(self, sample: int) -> str:
         """Extension of the sample's video member."""
-        for ext in self.index.samples[sample].members:
+        for ext in self._exts(sample):
             if ext != "json" and ext not in AUDIO_MEMBER_EXTENSIONS:
                 return ext
         raise ValueError(f"{self.name(sample)} has no video member")
 
     def audio_ext(self, sample: int) -> Optional[str]:
         """Extension of the sample's extracted audio member, None when its audio is in the video."""
-        for ext in self.index.samples[sample].members:
+        for ext in self._exts(sample):
             if ext in AUDIO_MEMBER_EXTENSIONS:
                 return ext
         return None

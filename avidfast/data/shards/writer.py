@@ -3,12 +3,16 @@ import io
 import json
 import os
 import tarfile
+from array import array
 from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from avidfast.data.manifest import METADATA_COLUMNS, Manifest, manifest_fingerprint
-from avidfast.data.shards.index import AUDIO_MEMBER_EXTENSIONS, INDEX_NAME, ShardError, ShardIndex, ShardSample
+from avidfast.data.shards.index import (
+    AUDIO_MEMBER_EXTENSIONS, INDEX_NAME, ShardError, ShardIndex, build_index, sample_key,
+)
 from avidfast.files import atomic_write
 
 DEFAULT_SHARD_BYTES = 1 << 30  # 1 GiB
@@ -54,12 +58,29 @@ def _check_manifest(manifest: Manifest) -> None:
             raise ShardError(f"manifest row {slot}: video {manifest.path(slot)} needs a video file extension")
 
 
-def _write_shard(file: BinaryIO, slots: List[int], manifest: Manifest, shard: int,
-                 samples: List[ShardSample]) -> None:
-    """Writes the samples of ``slots`` as one tar into ``file``; appends their index entries."""
+class _IndexColumns:
+    """The index entries of the samples written so far, as flat int64 arrays (a few tens of bytes a
+    sample, however many millions there are)."""
+
+    def __init__(self):
+        self.exts: List[str] = []
+        self.shard, self.slot, self.members = array("q"), array("q"), array("q")
+
+    def add(self, shard: int, slot: int, spans: Dict[str, Tuple[int, int]]) -> None:
+        sample = len(self.slot)
+        self.shard.append(shard)
+        self.slot.append(slot)
+        for ext, (offset, size) in spans.items():
+            if ext not in self.exts:
+                self.exts.append(ext)
+            self.members.extend((sample, self.exts.index(ext), offset, size))
+
+
+def _write_shard(file: BinaryIO, slots: List[int], manifest: Manifest, shard: int, columns: _IndexColumns) -> None:
+    """Writes the samples of ``slots`` as one tar into ``file``; adds their index entries."""
     with tarfile.open(fileobj=file, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for slot in slots:
-            key = f"{slot:09d}"
+            key = sample_key(slot)
             spans: Dict[str, Tuple[int, int]] = {}
             for ext, source, data in _sample_members(manifest, slot):
                 info = tarfile.TarInfo(f"{key}.{ext}")
@@ -72,13 +93,13 @@ def _write_shard(file: BinaryIO, slots: List[int], manifest: Manifest, shard: in
                         tar.addfile(info, f)
                 else:
                     tar.addfile(info, io.BytesIO(data))
-            samples.append(ShardSample(shard, key, slot, spans))
+            columns.add(shard, slot, spans)
 
 
 def write_shards(manifest: Manifest, folder: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES,
                  progress: Optional[Callable[[int, int], None]] = None) -> ShardIndex:
     """Packs every row of ``manifest`` (a prepared one: with duration, width and height) into tar
-    shards of at most ``shard_bytes`` bytes in ``folder`` and writes ``folder/index.json``.
+    shards of at most ``shard_bytes`` bytes in ``folder`` and writes ``folder/index.npz``.
 
     Rows go into the shards in a fixed pseudo-random order (seed 0), so each shard is a mix of the
     data set. Every shard is written to a temporary file and renamed when complete, the index
@@ -102,15 +123,16 @@ def write_shards(manifest: Manifest, folder: str, *, shard_bytes: int = DEFAULT_
         groups[-1].append(slot)
         filled += size
     os.makedirs(folder, exist_ok=True)
-    samples: List[ShardSample] = []
+    columns = _IndexColumns()
     shards: List[Tuple[str, int]] = []
     for shard, slots in enumerate(groups):
         name = _SHARD_NAME.format(shard)
-        atomic_write(os.path.join(folder, name), lambda f: _write_shard(f, slots, manifest, shard, samples))
+        atomic_write(os.path.join(folder, name), lambda f: _write_shard(f, slots, manifest, shard, columns))
         shards.append((name, os.path.getsize(os.path.join(folder, name))))
         if progress is not None:
             progress(shard + 1, len(groups))
-    index = ShardIndex(os.path.abspath(folder), shards, samples, manifest.classes, manifest_fingerprint(manifest))
+    index = build_index(folder, shards, manifest.classes, manifest_fingerprint(manifest), columns.exts, columns.shard,
+                        columns.slot, np.frombuffer(columns.members, dtype=np.int64))
     index.save()
     listed = {name for name, _ in shards} | {INDEX_NAME}
     for name in os.listdir(folder):
