@@ -4,7 +4,7 @@ Both pipelines use these, so that a CPU run and a DALI run with the same seed se
 in the same order on every rank.
 """
 import hashlib
-from typing import Iterator, List, Optional
+from typing import Iterator, Optional
 
 import torch
 
