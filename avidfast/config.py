@@ -176,6 +176,7 @@ class DataSection:
     manifest: Optional[str] = None  # required: CSV of `avidfast prepare`
     root: Optional[str] = None  # paths in the manifest are relative to this (None: its folder)
     pipeline: str = "cpu"  # cpu (DataLoader workers) or dali (GPU decode)
+    shards: Optional[str] = None  # read the clips from these tar shards (`avidfast prepare --shards`: OUT/shards)
     workers: int = 4  # DataLoader workers per process (DALI: threads)
     max_bad_fraction: float = 0.01  # stop when more samples of an epoch fail
     video: VideoSection = field(default_factory=VideoSection)

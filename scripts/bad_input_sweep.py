@@ -179,6 +179,11 @@ def cases(fx: Fixtures) -> List[Case]:
                                                      "loss.num_positives=1", "loss.num_negatives_within=2"))
     cli("train --init-from-reference missing", *fresh(), "--init-from-reference", "nope.pth.tar")
     cli("train --init-from-reference damaged", *fresh(), "--init-from-reference", fx.damaged)
+    cli("train shards missing", *fresh(), "--set", "data.shards=nope/")
+    cli("train shards of no index", *fresh(), "--set", f"data.shards={fx.root}")
+    cli("bench shards without shards", "bench", "shards", fx.manifest)
+    cli("prepare --shard-mb 0", "prepare", fx.manifest, os.path.join(fx.root, "prep-never5"), "--shards",
+        "--shard-mb", "0")
     cli("train too many bad samples", "train", "demo", *sets(*TINY, f"data.manifest={fx.bad_rows}",
                                                              "data.max_bad_fraction=0", f"out_dir={failed}/bad0"))
     cli("train too many bad samples (workers)", "train", "demo", *sets(

@@ -378,6 +378,109 @@ def test_sharding_disjoint_and_covering(media):
     assert set(indices) == set(range(NUM_CLIPS))
 
 
+@pytest.fixture(scope="module")
+def shards(media, tmp_path_factory):
+    """The media's clips as tar shards of about two samples each."""
+    from avidfast.data.shards.index import read_index
+    from avidfast.data.shards.writer import write_shards
+
+    folder = str(tmp_path_factory.mktemp("dali_shards"))
+    manifest = media["manifest"]
+    largest = max(os.path.getsize(manifest.path(i)) + os.path.getsize(manifest.audio_path(i)) for i in range(NUM_CLIPS))
+    write_shards(manifest, folder, shard_bytes=2 * largest + 8192)
+    index = read_index(folder)
+    assert len(index.shards) >= 3
+    return folder
+
+
+def _shard_loader(folder, **kw):
+    from avidfast.data.shards.index import read_index
+
+    args = dict(video=VIDEO, audio_preset="table5", stats=None, batch_size=1, num_threads=1)
+    args.update(kw)
+    return dp.build_dali_loader(read_index(folder), **args)
+
+
+def test_shards_give_the_same_clips_as_the_files(media, shards):
+    files = _epoch(_loader(media, mode="eval", batch_size=NUM_CLIPS, drop_last=False))
+    batches = _epoch(_shard_loader(shards, mode="eval", batch_size=NUM_CLIPS, drop_last=False))
+    for key in ("video", "audio"):
+        from_files, from_shards = _by_index(files, key), _by_index(batches, key)
+        assert sorted(from_shards) == list(range(NUM_CLIPS))
+        for slot in range(NUM_CLIPS):
+            assert torch.equal(from_files[slot], from_shards[slot]), (key, slot)
+    labels = dict(zip(batches[0]["index"].tolist(), batches[0]["label"].tolist()))
+    assert all(labels[slot] == slot % 2 for slot in labels)  # cat, dog, cat, ... from each sample's JSON
+
+
+def test_shards_every_slot_over_two_ranks_and_exact_resume(shards):
+    seen = []
+    for rank in range(2):
+        loader = _shard_loader(shards, rank=rank, world_size=2, seed=4)
+        batches = _epoch(loader, 2)
+        assert len(batches) == 3  # 5 samples padded to 6 over 2 ranks
+        seen += [int(b["index"]) for b in batches]
+        resumed = _shard_loader(shards, rank=rank, world_size=2, seed=4)
+        resumed.set_epoch(2, skip_batches=1)
+        rest = list(resumed)
+        assert len(rest) == 2
+        for a, b in zip(batches[1:], rest):
+            for key in a:
+                assert torch.equal(a[key], b[key]), key
+    assert set(seen) == set(range(NUM_CLIPS)) and len(seen) == 6
+
+
+def test_shards_corrupt_member_is_replaced_and_missing_shard_named(shards, tmp_path):
+    import shutil
+
+    from avidfast.data.shards.index import ShardError, read_index
+
+    folder = str(tmp_path / "shards")
+    shutil.copytree(shards, folder)
+    index = read_index(folder)
+    victim = index.samples[0]
+    offset, size = victim.members["webm"]
+    with open(index.shard_path(victim.shard), "r+b") as f:
+        f.seek(offset)
+        f.write(b"\0" * size)
+    loader = _shard_loader(folder, mode="eval", batch_size=NUM_CLIPS, drop_last=False, max_bad_fraction=0.5)
+    (batch,) = _epoch(loader)
+    assert victim.slot not in batch["index"].tolist()
+    assert list(loader.bad_files) == [f"{index.shard_path(victim.shard)}:{victim.key}.webm"]
+    os.unlink(index.shard_path(1))
+    with pytest.raises(ShardError, match=f"shard {index.shard_path(1)} .*missing"):
+        read_index(folder)
+
+
+def test_dalis_webdataset_reader_reads_the_shards(shards, media):
+    import json
+
+    from nvidia.dali import fn, pipeline_def
+
+    from avidfast.data.shards.index import read_index
+
+    index = read_index(shards)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def read():
+        return tuple(fn.readers.webdataset(paths=[index.shard_path(i) for i in range(len(index.shards))],
+                                           ext=["webm", "wav", "json"], missing_component_behavior="error"))
+
+    pipe = read()
+    pipe.build()
+    contents = {}
+    for _ in range(NUM_CLIPS):
+        video, audio, meta = (np.array(out.at(0)).tobytes() for out in pipe.run())
+        contents[json.loads(meta)["index"]] = (video, audio)
+    manifest = media["manifest"]
+    assert sorted(contents) == list(range(NUM_CLIPS))
+    for slot, (video, audio) in contents.items():
+        with open(manifest.path(slot), "rb") as f:
+            assert f.read() == video
+        with open(manifest.audio_path(slot), "rb") as f:
+            assert f.read() == audio
+
+
 # ------------------------------------------------------------------------------------------------
 # (f) inputs DALI cannot read
 # ------------------------------------------------------------------------------------------------

@@ -108,4 +108,5 @@ class ReferenceShapedDataset(ClipDataset):
             spec = (spec - self.stats.mean.numpy()[:, None]) / (self.stats.std.numpy()[:, None] + audio_ops.NORM_EPS)
         from avidfast.data.cpu_pipeline import LoadedClip
 
-        return LoadedClip(video, torch.from_numpy(spec).unsqueeze(0), index, [])
+        label = self.labels[index] if self.labels is not None else None
+        return LoadedClip(video, torch.from_numpy(spec).unsqueeze(0), index, label)

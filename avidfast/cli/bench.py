@@ -85,6 +85,33 @@ def _add_common_bench_options(parser: argparse.ArgumentParser, rounds: int, roun
     parser.add_argument("--json", help="also write the results to this JSON file (atomically)")
 
 
+def _bench_shards(args: argparse.Namespace) -> None:
+    import logging
+    import os
+
+    from avidfast.bench.report import describe_machine
+    from avidfast.bench.shard_suite import ShardBenchConfig, format_shard_table, run_shard_benchmark
+    from avidfast.data.shards.index import ShardError, read_index
+    from avidfast.data.video import VideoConfig
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    manifest = read_manifest(args.manifest)
+    folder = args.shards or os.path.join(os.path.dirname(os.path.abspath(args.manifest)), "shards")
+    try:
+        index = read_index(folder)
+    except ShardError as error:
+        raise UserError(str(error)) from None
+    cfg = ShardBenchConfig(video=VideoConfig(frames=args.frames, crop=args.crop), audio_preset=args.audio_preset,
+                           batch_size=args.batch, workers=args.workers, rounds=args.rounds, seed=args.seed)
+    try:
+        results = run_shard_benchmark(manifest, index, cfg,
+                                      progress=lambda message: print(message, file=sys.stderr, flush=True))
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    data = f"{args.manifest} ({len(manifest)} clips) and {folder} ({len(index.shards)} shards)"
+    print(format_shard_table(results, cfg, describe_machine("cpu"), data))
+
+
 def _bench_loader(args: argparse.Namespace) -> None:
     import logging
 
@@ -227,6 +254,23 @@ def register(commands) -> None:
     loader.add_argument("--seed", type=int, default=0, help="seed of the clip choice and augmentation")
     loader.add_argument("--json", help="also write the results to this JSON file (atomically)")
     loader.set_defaults(handler=_bench_loader)
+    shards = suites.add_parser(
+        "shards", help="CPU pipeline reading tar shards vs the same clips file by file (clips/s, file opens)",
+        description="Reads one training epoch of a prepared manifest's clips per round file by file and from "
+                    "its shards (avidfast prepare --shards), alternating, and reports the median clips/s of each, "
+                    "their ratio and the files each opens in an epoch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    shards.add_argument("manifest", metavar="MANIFEST", help="manifest.csv written by avidfast prepare --shards")
+    shards.add_argument("--shards", help="shard folder (None: the shards folder beside MANIFEST)")
+    shards.add_argument("--workers", type=positive_int, default=2, help="DataLoader workers")
+    shards.add_argument("--batch", type=positive_int, default=8, help="batch size")
+    shards.add_argument("--rounds", type=positive_int, default=3, help="rounds (the median is reported)")
+    shards.add_argument("--frames", type=positive_int, default=16, help="frames per clip (16 fps)")
+    shards.add_argument("--crop", type=positive_int, default=112, help="crop size, pixels")
+    shards.add_argument("--audio-preset", choices=DALI_PRESETS, default="table5", help="spectrogram preset")
+    shards.add_argument("--seed", type=int, default=0, help="seed of the order and augmentation")
+    shards.set_defaults(handler=_bench_shards)
     step = suites.add_parser(
         "train", help="training-step throughput: ours (fused loss, channels_last, bf16) vs a reference-shaped step",
         description="Times one training step (encoders + heads forward, loss, backward, Adam, bank update) on "

@@ -15,7 +15,8 @@ def _prepare(args: argparse.Namespace) -> None:
         summary = prepare(
             args.src, args.out, root=args.root, workers=args.workers, extract_audio=args.extract_audio,
             transcode=args.transcode, fps=args.fps, gop=args.gop, short_side=args.short_side,
-            min_seconds=args.min_seconds, check=args.check, progress=not args.quiet, video_only=args.video_only,
+            min_seconds=args.min_seconds, check=args.check, shards=args.shards, shard_bytes=args.shard_mb * 2**20,
+            progress=not args.quiet, video_only=args.video_only,
             log=lambda note: print(f"avidfast: {note}", file=sys.stderr, flush=True),  # warnings even with --quiet
         )
     except OSError as error:
@@ -108,6 +109,10 @@ def register(commands) -> None:
     prep.add_argument("--video-only", action="store_true",
                       help="keep files without an audio stream (evaluation sets for the video-only protocols: "
                            "eval linear / finetune); the manifest's has_audio column says which rows have sound")
+    prep.add_argument("--shards", action="store_true",
+                      help="also write OUT/shards: the kept clips (video, extracted audio, JSON with memory slot, "
+                           "label, metadata) as WebDataset-style tar shards plus index.npz")
+    prep.add_argument("--shard-mb", type=positive_int, default=1024, help="largest shard size in MiB (with --shards)")
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(handler=_prepare)
 

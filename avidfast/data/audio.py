@@ -17,7 +17,7 @@ Z-normalised with the per-bin mean/std the user supplies. The CPU pipeline compu
 pipeline refuses it.
 """
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import BinaryIO, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -298,8 +298,10 @@ class RunningStats:
         return SpectrogramStats(preset, self.mean.float(), std.float(), self.count)
 
 
-def decode_audio(path: str, start: float, duration: float, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
-    """Reads [start, start + duration) seconds of path's first audio stream as mono float32 (S,)
+def decode_audio(path: Union[str, BinaryIO], start: float, duration: float,
+                 sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """Reads [start, start + duration) seconds of path's first audio stream (``path``: a file name,
+    or an open binary file; one named ``*.wav`` is tried as 16-bit PCM first) as mono float32 (S,)
     at sample_rate (downmixed and resampled by FFmpeg's resampler). Zero-pads up to
     MAX_MISSING_AUDIO seconds (audio streams often end a little before the container's
     duration); raises ValueError when more is missing."""
@@ -307,10 +309,13 @@ def decode_audio(path: str, start: float, duration: float, sample_rate: int = SA
 
     want = int(round(duration * sample_rate))
     first = int(round(start * sample_rate))
-    if path.lower().endswith(".wav"):
+    name = path if isinstance(path, str) else str(getattr(path, "name", ""))
+    if name.lower().endswith(".wav"):
         wave = _read_pcm_wav(path, first, want, sample_rate)
         if wave is not None:
             return wave
+        if not isinstance(path, str):
+            path.seek(0)
     with av.open(path) as container:
         if not container.streams.audio:
             raise ValueError("no audio stream")
@@ -345,7 +350,7 @@ def decode_audio(path: str, start: float, duration: float, sample_rate: int = SA
     return torch.from_numpy(wave)
 
 
-def _read_pcm_wav(path: str, first: int, want: int, sample_rate: int) -> Optional[torch.Tensor]:
+def _read_pcm_wav(path: Union[str, BinaryIO], first: int, want: int, sample_rate: int) -> Optional[torch.Tensor]:
     """Reads samples [first, first + want) of a 16-bit mono WAV at sample_rate directly (what
     `avidfast prepare --extract-audio wav` writes); None for any other WAV (PyAV reads those)."""
     import wave

@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 20  # replacements tried for one position before giving up
 DECODERS = ("pyav", "torchcodec")
+MediaSource = Union[str, BinaryIO]  # a file's path, or an open binary file (e.g. a shard member)
 
 
 class TooManyBadSamples(AvidfastError, RuntimeError):
@@ -63,8 +64,8 @@ class LoadedClip:
 
     video: torch.Tensor  # (3, T, H, W) float32
     audio: Optional[torch.Tensor]  # (1, F, T') float32; None when the dataset reads video only
-    index: int
-    failures: List[Tuple[str, str]]  # (path, reason) of the files replaced to get here
+    index: int  # memory slot
+    label: Optional[int] = None  # class index, when the data set is labelled
 
 
 class ClipDataset(torch.utils.data.Dataset):
@@ -89,6 +90,8 @@ class ClipDataset(torch.utils.data.Dataset):
     (and is then replaced like any bad sample).
     """
 
+    fatal_errors: Tuple[type, ...] = ()  # errors that stop the loader instead of replacing the sample
+
     def __init__(
         self,
         manifest: Manifest,
@@ -106,25 +109,50 @@ class ClipDataset(torch.utils.data.Dataset):
         pad_short: bool = False,
         decoder: str = "pyav",
     ):
+        self._configure(video, audio_preset, stats, mode, jitter, clips_per_video, seed, decode_threads,
+                        audio=audio, pad_short=pad_short, decoder=decoder)
+        if audio:
+            check_has_audio(manifest)
+        self.manifest = manifest
+        self.labels = manifest.label_indices(classes) if manifest.has_labels else None
+        self._probed: Dict[int, Tuple[float, Optional[float]]] = {}
+
+    def _configure(self, video: VideoConfig, audio_preset: Union[str, SpectrogramPreset],
+                   stats: Optional[SpectrogramStats], mode: str, jitter: AudioJitter, clips_per_video: int,
+                   seed: int, decode_threads: int, *, audio: bool = True, pad_short: bool = False,
+                   decoder: str = "pyav") -> None:
+        """The settings every clip data set shares (see the class docstring)."""
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got '{mode}'")
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         if decoder == "torchcodec" and torchcodec_error() is not None:
             raise ValueError(f"decoder='torchcodec': {torchcodec_error()}; use decoder='pyav'")
-        if audio:
-            check_has_audio(manifest)
         self.decoder = decoder
-        self.manifest, self.video, self.mode, self.jitter = manifest, video, mode, jitter
+        self.video, self.mode, self.jitter = video, mode, jitter
         self.read_audio, self.pad_short = audio, pad_short
         self.preset = audio_ops.get_preset(audio_preset) if isinstance(audio_preset, str) else audio_preset
         self.stats, self.clips_per_video, self.seed = stats, clips_per_video, seed
         self.decode_threads = decode_threads
-        self.labels = manifest.label_indices(classes) if manifest.has_labels else None
-        self._probed: Dict[int, Tuple[float, float]] = {}
+        self.labels: Optional[List[int]] = None
+
+    @property
+    def num_videos(self) -> int:
+        """Videos the keys' third element ranges over."""
+        return len(self.manifest)
+
+    def source_name(self, index: int) -> str:
+        """What a bad-sample message names for video ``index``: its file."""
+        return self.manifest.path(index)
+
+    def epoch_sampler(self, *, rank: int, world_size: int, samples_per_epoch: Optional[int], batch_size: int,
+                      workers: int) -> ShardedEpochSampler:
+        """The training sampler of this data set (the batch size and workers do not change its order)."""
+        return ShardedEpochSampler(self.num_videos, rank=rank, world_size=world_size, seed=self.seed,
+                                   samples_per_epoch=samples_per_epoch)
 
     def __len__(self) -> int:
-        return len(self.manifest) * (self.clips_per_video if self.mode == "eval" else 1)
+        return self.num_videos * (self.clips_per_video if self.mode == "eval" else 1)
 
     def __getitem__(self, key: Tuple[int, int, int]) -> Dict[str, torch.Tensor]:
         epoch, position, index = key
@@ -135,20 +163,22 @@ class ClipDataset(torch.utils.data.Dataset):
             try:
                 clip = self.load(index, epoch, position, attempt)
                 break
+            except self.fatal_errors:
+                raise
             except Exception as error:  # noqa: BLE001 - any decoder failure is reported and replaced
                 reason = f"{type(error).__name__}: {error}"
-                path = self.manifest.path(index)
-                log.debug("bad sample %s (row %d): %s; replacing it", path, index, reason)
-                failures.append((path, reason))
-                index = replacement_index(self.seed, epoch, position, attempt, len(self.manifest))
+                name = self.source_name(index)
+                log.debug("bad sample %s (video %d): %s; replacing it", name, index, reason)
+                failures.append((name, reason))
+                index = replacement_index(self.seed, epoch, position, attempt, self.num_videos)
         else:
             raise SampleFailed(f"{MAX_ATTEMPTS} videos in a row failed at position {position}; last: {failures[-1]}")
-        item = {"video": clip.video, "index": torch.tensor(index)}
+        item = {"video": clip.video, "index": torch.tensor(clip.index)}
         if clip.audio is not None:
             item["audio"] = clip.audio
         item["failures"] = "\n".join(f"{path}\t{reason}" for path, reason in failures)
-        if self.labels is not None:
-            item["label"] = torch.tensor(self.labels[index])
+        if clip.label is not None:
+            item["label"] = torch.tensor(clip.label)
         return item
 
     def _eval_item(self, position: int, index: int) -> Dict[str, torch.Tensor]:
@@ -158,8 +188,10 @@ class ClipDataset(torch.utils.data.Dataset):
         try:
             clip = self.load(index, 0, position)
             video, audio = clip.video, clip.audio
+        except self.fatal_errors:
+            raise
         except Exception as error:  # noqa: BLE001 - reported by the loader with the file's path
-            failure = f"{self.manifest.path(index)}\t{type(error).__name__}: {error}"
+            failure = f"{self.source_name(index)}\t{type(error).__name__}: {error}"
             log.debug("bad test video %s", failure)
             video = torch.zeros(3, self.video.frames, self.video.crop, self.video.crop)
             audio = torch.zeros(1, self.preset.bins, self.preset.frames) if self.read_audio else None
@@ -173,9 +205,20 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def load(self, index: int, epoch: int, position: int, attempt: int = 0) -> LoadedClip:
         """Decodes and transforms row ``index`` (raises on any decode problem)."""
-        row = self.manifest.rows[index]
         path = self.manifest.path(index)
         duration, audio_duration = self.durations(index)
+        size = frame_size(self.manifest.rows[index], path)
+        audio_file = self.manifest.audio_path(index) if self.read_audio else None
+        video, spec = self.transform(path, audio_file, duration, audio_duration, size, epoch, position, attempt)
+        return LoadedClip(video, spec, index, self.labels[index] if self.labels is not None else None)
+
+    def transform(self, video_file: MediaSource, audio_file: Optional[MediaSource], duration: float,
+                  audio_duration: Optional[float], frame_size: Tuple[int, int], epoch: int, position: int,
+                  attempt: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(video (3, T, H, W), spectrogram (1, F, T') or None reading video only) of one clip of
+        ``video_file`` (a path or an open binary file) and its sound in ``audio_file``;
+        ``duration`` / ``audio_duration`` in seconds, ``frame_size`` (height, width) of the stored
+        video. Raises on any decode problem."""
         # a clip, and (reading audio) the shortest audio window
         needed = max(self.video.seconds, self.jitter.duration[0]) if self.read_audio else self.video.seconds
         decoded = self.video
@@ -183,31 +226,30 @@ class ClipDataset(torch.utils.data.Dataset):
             if not (self.pad_short and not self.read_audio):
                 raise ValueError(f"file is {duration:.2f} s, shorter than the {needed:.2f} s a clip needs")
             decoded = dataclasses.replace(self.video, frames=short_clip_frames(duration, self.video))
+        height, width = frame_size
         if self.mode == "train":
             generator = sample_generator(self.seed, epoch, position, attempt)
             start = video_ops.train_start(duration, decoded, generator)
-            height, width = frame_size(row, path)
             aug = video_ops.draw_augment(height, width, self.video, generator)
             size = (self.video.crop, self.video.crop)
-            frames = self.frame_decoder(path, start, decoded, crop=aug.crop, size=size, threads=self.decode_threads)
+            frames = self.frame_decoder(video_file, start, decoded, crop=aug.crop, size=size,
+                                        threads=self.decode_threads)
             video = video_ops.train_transform(frames, aug, self.video)
         else:
             start = video_ops.clip_starts(duration, decoded, self.clips_per_video)[position % self.clips_per_video]
-            height, width = frame_size(row, path)
             size = video_ops.eval_size(height, width, self.video.crop)
-            frames = self.frame_decoder(path, start, decoded, size=size, threads=self.decode_threads)
+            frames = self.frame_decoder(video_file, start, decoded, size=size, threads=self.decode_threads)
             video = video_ops.eval_transform(frames, self.video)
         video = pad_frames_cyclically(video, self.video.frames)
         if not self.read_audio:
-            return LoadedClip(video, None, index, [])
+            return video, None
         if self.mode == "train":
             window = audio_ops.train_window(start, self.jitter, generator, audio_duration)
         else:
             window = audio_ops.eval_window(start, self.preset, audio_duration)
-        wave = audio_ops.decode_audio(self.manifest.audio_path(index), window.start, window.duration, self.preset.sample_rate)
+        wave = audio_ops.decode_audio(audio_file, window.start, window.duration, self.preset.sample_rate)
         spec = audio_ops.log_spectrogram(wave, self.preset, gain=window.gain, stats=self.stats)
-        return LoadedClip(video, spec.unsqueeze(0), index, [])
-
+        return video, spec.unsqueeze(0)
 
     @property
     def frame_decoder(self) -> Callable[..., np.ndarray]:
@@ -275,9 +317,9 @@ def frame_size(row: Dict[str, object], path: str) -> Tuple[int, int]:
 
 
 class _EpochKeys(torch.utils.data.Sampler):
-    """Adds the epoch to a ShardedEpochSampler's (position, index) pairs."""
+    """Adds the epoch to a training sampler's (position, index) pairs (the sampler has ``epoch``)."""
 
-    def __init__(self, sampler: ShardedEpochSampler):
+    def __init__(self, sampler: torch.utils.data.Sampler):
         self.sampler = sampler
 
     def __len__(self) -> int:
@@ -338,14 +380,12 @@ class CPULoader:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         self.dataset, self.max_bad_fraction = dataset, max_bad_fraction
         if dataset.mode == "train":
-            self.sampler = ShardedEpochSampler(
-                len(dataset.manifest), rank=rank, world_size=world_size, seed=dataset.seed,
-                samples_per_epoch=samples_per_epoch,
-            )
+            self.sampler = dataset.epoch_sampler(rank=rank, world_size=world_size, samples_per_epoch=samples_per_epoch,
+                                                 batch_size=batch_size, workers=workers)
             keys = _EpochKeys(self.sampler)
         else:
             self.sampler = None
-            keys = _EvalKeys(len(dataset.manifest), dataset.clips_per_video, rank, world_size)
+            keys = _EvalKeys(dataset.num_videos, dataset.clips_per_video, rank, world_size)
             drop_last = False
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=keys, num_workers=workers, drop_last=drop_last,
@@ -389,8 +429,8 @@ class CPULoader:
                             "max_bad_fraction"
                         )
                 yield batch
-        except SampleFailed as error:
-            raise SampleFailed(_worker_message(str(error), SampleFailed)) from None
+        except AvidfastError as error:  # SampleFailed, or a data set's fatal error, raised in a worker
+            raise type(error)(_worker_message(str(error), type(error))) from None
 
 
     def _eval_batches(self) -> Iterator[Dict[str, torch.Tensor]]:

@@ -45,6 +45,15 @@ Differences from the CPU (torch) pipeline, by construction of DALI's operators:
   image mean;
 * resizing uses DALI's linear filter with antialiasing on uint8 frames.
 
+Shards. Given a :class:`~avidfast.data.shards.index.ShardIndex` instead of a manifest, the same
+callback reads each sample's video and audio members from the tar shards by their offsets (one
+positioned read each, the shard files kept open) and takes the memory slot and label from the
+sample's JSON member; the order is :class:`~avidfast.data.shards.order.ShardGroupedSampler`'s, so
+each rank reads its own shards and a resume is exact. ``fn.readers.webdataset`` reads the same
+shards (they follow its layout) but was not used for training for the reason ``fn.readers.video``
+was not: it shuffles and shards by itself, so neither the per-position random streams nor an exact
+mid-epoch resume could be kept.
+
 Bad input. DALI cannot skip a sample that fails inside the graph, so the callback checks every
 file before handing it over (exists, non-empty; with ``validate='probe'``, the default on CPU,
 also that PyAV can open it and that its codec is one the backend decodes) and replaces a bad one
@@ -86,6 +95,9 @@ from avidfast.data.audio import (
 from avidfast.data.manifest import Manifest, read_manifest
 from avidfast.data.probe import probe_header
 from avidfast.data.sampling import ShardedEpochSampler, replacement_index, sample_generator
+from avidfast.data.shards.index import AUDIO_MEMBER_EXTENSIONS, ShardError, ShardIndex
+from avidfast.data.shards.order import ShardGroupedSampler
+from avidfast.data.shards.reader import SampleReader
 from avidfast.data.video import (
     ClipAugment, VideoConfig, clip_starts, draw_augment, eval_short_side, train_start,
 )
@@ -224,19 +236,18 @@ class _Source:
         info = self._info.get(row)
         if info is not None:
             return info
-        meta = self.manifest.rows[row]
-        path = self.manifest.path(row)
+        meta = self._metadata(row)
         missing = [k for k in (("duration", "fps", "width", "height") if self.train else ("duration", "fps"))
                    if meta.get(k) in (None, 0)]
         probed = None
         if self.validate == "probe" or missing:
-            probed = probe_media(path)  # ValueError -> bad file
+            probed = self._probe(row)  # ValueError -> bad file
             allowed = GPU_VIDEO_CODECS if self.gpu else CPU_VIDEO_CODECS
             if self.validate == "probe" and probed.codec not in allowed:
                 where = "DALI's GPU video decoder" if self.gpu else "DALI's CPU video decoder"
                 fix = _PREPARE_HINT if self.gpu else f"{_PREPARE_HINT}, or pass device_id=<gpu> to decode it with NVDEC"
                 raise DaliInputError(
-                    f"{path}: video codec '{probed.codec}' cannot be decoded by {where} "
+                    f"{self._video_name(row)}: video codec '{probed.codec}' cannot be decoded by {where} "
                     f"(supported: {', '.join(allowed)}); {fix}"
                 )
 
@@ -253,34 +264,71 @@ class _Source:
         self._info[row] = info
         return info
 
-    def _check(self, row: int) -> Optional[Tuple[str, str]]:
-        """(path, reason) when row's files cannot be used, else None."""
-        if row in self._bad_rows:
-            return self._bad_rows[row]
-        bad = None
+    # -- where the media come from: the manifest's files (a shard source reads shard members) ---
+
+    fatal_errors: Tuple[type, ...] = (DaliInputError,)  # errors that stop the loader, never replaced
+
+    @property
+    def count(self) -> int:
+        """Videos the order's indices range over."""
+        return len(self.manifest)
+
+    def _metadata(self, row: int) -> Dict[str, object]:
+        return self.manifest.rows[row]
+
+    def _video_name(self, row: int) -> str:
+        return self.manifest.path(row)
+
+    def _audio_name(self, row: int) -> str:
+        return self.manifest.audio_path(row)
+
+    def _probe(self, row: int) -> MediaInfo:
+        return probe_media(self.manifest.path(row))
+
+    def _probe_audio(self, row: int) -> None:
+        probe_header(self.manifest.audio_path(row), "audio")
+
+    def _check_files(self, row: int) -> Optional[Tuple[str, str]]:
+        """(path, reason) when a file of row is missing, unreadable or empty."""
         for path in (self.manifest.path(row), self.manifest.audio_path(row)):
             try:
                 size = os.stat(path).st_size
             except OSError as error:
-                bad = (path, f"cannot read ({error.strerror or error})")
-                break
+                return path, f"cannot read ({error.strerror or error})"
             if size == 0:
-                bad = (path, "empty file")
-                break
+                return path, "empty file"
+        return None
+
+    def _read(self, row: int) -> Tuple[np.ndarray, np.ndarray]:
+        """The encoded video and audio of row, as uint8 arrays."""
+        return (np.fromfile(self.manifest.path(row), dtype=np.uint8),
+                np.fromfile(self.manifest.audio_path(row), dtype=np.uint8))
+
+    def _slot_label(self, row: int) -> Tuple[int, Optional[int]]:
+        """The memory slot and class index of row."""
+        return row, (self.labels[row] if self.labels is not None else None)
+
+    def _check(self, row: int) -> Optional[Tuple[str, str]]:
+        """(path, reason) when row's files cannot be used, else None."""
+        if row in self._bad_rows:
+            return self._bad_rows[row]
+        bad = self._check_files(row)
         if bad is None:
             try:
                 info = self._media(row)
                 if self.train and (info.width <= 0 or info.height <= 0):
                     raise ValueError("no frame size in the manifest or the file")
-            except DaliInputError:
+            except self.fatal_errors:
                 raise
             except ValueError as error:
-                bad = (self.manifest.path(row), str(error))
+                bad = (self._video_name(row), str(error))
         if bad is None and self.validate == "probe":
             try:
-                probe_header(self.manifest.audio_path(row), "audio")
+                self._probe_audio(row)
+            except self.fatal_errors:
+                raise
             except ValueError as error:
-                bad = (self.manifest.audio_path(row), str(error))
+                bad = (self._audio_name(row), str(error))
         if bad is not None:
             self._bad_rows[row] = bad
         return bad
@@ -291,14 +339,14 @@ class _Source:
             self.bad_reads += 1
             new = path not in self.bad_files
             self.bad_files[path] = reason
-            too_many = len(self.bad_files) > self.max_bad_fraction * len(self.manifest)
+            too_many = len(self.bad_files) > self.max_bad_fraction * self.count
         if new:
             log.warning("DALI input %s: %s; replaced deterministically (position %d, epoch %d)",
                         path, reason, position, self.epoch)
         if too_many:
             listed = "; ".join(f"{p}: {r}" for p, r in list(self.bad_files.items())[:5])
             raise RuntimeError(
-                f"{len(self.bad_files)} of {len(self.manifest)} input files are unusable, more than "
+                f"{len(self.bad_files)} of {self.count} input files are unusable, more than "
                 f"max_bad_fraction = {self.max_bad_fraction:g} of the dataset ({listed}...); fix the manifest "
                 "(`avidfast prepare` writes a clean one) or raise max_bad_fraction"
             )
@@ -330,7 +378,7 @@ class _Source:
         first, samples = window_samples(window, preset.sample_rate)
         if samples <= preset.n_fft // 2:
             raise ValueError(f"audio window of {samples} samples is too short for n_fft {preset.n_fft}")
-        return SamplePlan(position, row, attempt, self.manifest.path(row), self.manifest.audio_path(row),
+        return SamplePlan(position, row, attempt, self._video_name(row), self._audio_name(row),
                           tuple(int(f) for f in frames), float(video_start), augment, roi, first, samples,
                           float(window.gain))
 
@@ -338,18 +386,18 @@ class _Source:
         position, row = item
         for attempt in range(MAX_ATTEMPTS + 1):
             if attempt:
-                row = replacement_index(self.seed, self.epoch, position, attempt, len(self.manifest))
+                row = replacement_index(self.seed, self.epoch, position, attempt, self.count)
             bad = self._check(row)
             if bad is None:
-                path = self.manifest.path(row)
                 try:
-                    video_bytes = np.fromfile(path, dtype=np.uint8)
-                    path = self.manifest.audio_path(row)
-                    audio_bytes = np.fromfile(path, dtype=np.uint8)
-                except OSError as error:
-                    bad = (path, f"cannot read ({error})")
+                    video_bytes, audio_bytes = self._read(row)
+                    slot, label = self._slot_label(row)
+                except self.fatal_errors:
+                    raise
+                except (OSError, ValueError) as error:
+                    bad = (self._video_name(row), f"cannot read ({error})")
             if bad is None:
-                return self.plan(position, row, attempt), video_bytes, audio_bytes
+                return self.plan(position, row, attempt), video_bytes, audio_bytes, slot, label
             self._report(bad, position)
         raise RuntimeError(
             f"position {position} of epoch {self.epoch}: {MAX_ATTEMPTS + 1} files in a row were unusable "
@@ -362,19 +410,19 @@ class _Source:
             raise StopIteration
         items = self.order[lo: min(lo + self.batch_size, self.limit)]
         loaded = list(self._pool.map(self._load, items))
-        self.recent.append([path for plan, _, _ in loaded for path in (plan.video_path, plan.audio_path)])
+        self.recent.append([path for plan, *_ in loaded for path in (plan.video_path, plan.audio_path)])
         f32, i32, i64 = np.float32, np.int32, np.int64
         out = {k: [] for k in self.outputs}
-        for plan, video_bytes, audio_bytes in loaded:
+        for plan, video_bytes, audio_bytes, slot, label in loaded:
             out["video"].append(video_bytes)
             out["audio"].append(audio_bytes)
             out["frames"].append(np.asarray(plan.frames, dtype=i32))
-            out["index"].append(np.array(plan.index, dtype=i64))
+            out["index"].append(np.array(slot, dtype=i64))
             out["audio_start"].append(np.array([plan.audio_start], dtype=i32))
             out["audio_len"].append(np.array([plan.audio_samples], dtype=i32))
             out["keep"].append(np.array([frames_for(plan.audio_samples, self.preset)], dtype=i32))
-            if self.labels is not None:
-                out["label"].append(np.array(self.labels[plan.index], dtype=i64))
+            if "label" in out:
+                out["label"].append(np.array(label, dtype=i64))
             if self.train:
                 aug = plan.augment
                 out["roi_start"].append(np.array(plan.roi[:2], dtype=f32))
@@ -389,6 +437,75 @@ class _Source:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+
+
+class _ShardSource(_Source):
+    """The external source over a shard folder: the members of each sample (video, extracted
+    audio) are read from the shards by index; memory slot, label and metadata come from the
+    sample's JSON member. A member that cannot be read is a bad sample (named
+    ``shard.tar:key.ext``); a missing shard stops the loader (ShardError)."""
+
+    fatal_errors = (DaliInputError, ShardError)
+
+    def __init__(self, index: ShardIndex, sampler, **kwargs):
+        super().__init__(None, sampler, labels=None, **kwargs)
+        self.reader = SampleReader(index)
+        self.class_of = {name: i for i, name in enumerate(index.classes)}
+        self.outputs = _source_outputs(self.train, bool(self.class_of))
+
+    @property
+    def count(self) -> int:
+        return len(self.reader.index)
+
+    def _metadata(self, row: int) -> Dict[str, object]:
+        return self.reader.metadata(row)
+
+    def _video_name(self, row: int) -> str:
+        return self.reader.name(row, self.reader.video_ext(row))
+
+    def _audio_name(self, row: int) -> str:
+        return self.reader.name(row, self.reader.audio_ext(row))
+
+    def _probe(self, row: int) -> MediaInfo:
+        import av
+
+        try:
+            with av.open(self.reader.member_file(row, self.reader.video_ext(row))) as container:
+                stream = container.streams.video[0] if container.streams.video else None
+                if stream is None:
+                    raise ValueError("no video stream")
+                context = stream.codec_context
+                duration = float(stream.duration * stream.time_base) if stream.duration else 0.0
+                return MediaInfo(context.name, context.width or 0, context.height or 0,
+                                 float(stream.average_rate or 0), duration)
+        except av.FFmpegError as error:
+            raise ValueError(f"{self._video_name(row)}: {error}") from None
+
+    def _probe_audio(self, row: int) -> None:
+        import av
+
+        try:
+            with av.open(self.reader.member_file(row, self.reader.audio_ext(row))) as container:
+                if not container.streams.audio:
+                    raise ValueError("no audio stream")
+        except av.FFmpegError as error:
+            raise ValueError(f"{self._audio_name(row)}: {error}") from None
+
+    def _check_files(self, row: int) -> Optional[Tuple[str, str]]:
+        return None  # a member that cannot be read fails in _read, a missing shard raises ShardError
+
+    def _read(self, row: int) -> Tuple[np.ndarray, np.ndarray]:
+        video = self.reader.read(row, self.reader.video_ext(row))
+        audio = self.reader.read(row, self.reader.audio_ext(row))
+        return np.frombuffer(video, dtype=np.uint8), np.frombuffer(audio, dtype=np.uint8)
+
+    def _slot_label(self, row: int) -> Tuple[int, Optional[int]]:
+        meta = self.reader.metadata(row)
+        if not self.class_of:
+            return int(meta["index"]), None
+        if str(meta.get("label")) not in self.class_of:
+            raise ValueError(f"label {meta.get('label')!r} is not among the {len(self.class_of)} classes")
+        return int(meta["index"]), self.class_of[str(meta["label"])]
 
 
 def _source_outputs(train: bool, with_label: bool) -> Tuple[str, ...]:
@@ -486,7 +603,7 @@ class DaliLoader:
     ``bad_files`` maps the path of every replaced file to its reason.
     """
 
-    def __init__(self, manifest: Manifest, *, video: VideoConfig, preset: SpectrogramPreset,
+    def __init__(self, manifest: Union[Manifest, ShardIndex], *, video: VideoConfig, preset: SpectrogramPreset,
                  stats: Optional[SpectrogramStats], batch_size: int, train: bool, seed: int, rank: int,
                  world_size: int, device_id: Optional[int], num_threads: int, jitter: AudioJitter,
                  clips_per_video: int, samples_per_epoch: Optional[int], drop_last: bool,
@@ -494,17 +611,31 @@ class DaliLoader:
         self.manifest, self.video, self.preset, self.stats = manifest, video, preset, stats
         self.batch_size, self.train, self.seed, self.device_id = batch_size, train, seed, device_id
         self.drop_last = drop_last
-        self.sampler = ShardedEpochSampler(len(manifest), rank=rank, world_size=world_size, seed=seed, shuffle=train,
-                                           clips_per_video=clips_per_video, samples_per_epoch=samples_per_epoch)
+        shards = isinstance(manifest, ShardIndex)
+        if shards:
+            if clips_per_video != 1 or samples_per_epoch is not None:
+                raise ValueError("clips_per_video and samples_per_epoch are not supported on shards: an epoch over "
+                                 "shards reads every sample once")
+            self.sampler = ShardGroupedSampler(manifest.shard, rank=rank, world_size=world_size,
+                                               seed=seed, shuffle=train, batch_size=batch_size)
+        else:
+            self.sampler = ShardedEpochSampler(len(manifest), rank=rank, world_size=world_size, seed=seed,
+                                               shuffle=train, clips_per_video=clips_per_video,
+                                               samples_per_epoch=samples_per_epoch)
         if len(self) == 0:
             raise ValueError(f"rank {rank} reads {len(self.sampler)} samples per epoch, fewer than batch_size "
                              f"{batch_size} with drop_last=True: no batches")
-        self.has_labels = manifest.has_labels
-        labels = manifest.label_indices() if self.has_labels else None
-        self._source = _Source(manifest, self.sampler, video=video, preset=preset, jitter=jitter, train=train,
-                               seed=seed, batch_size=batch_size, drop_last=drop_last, gpu=device_id is not None,
-                               validate=validate, max_bad_fraction=max_bad_fraction, labels=labels,
-                               read_threads=read_threads if read_threads is not None else num_threads)
+        common = dict(video=video, preset=preset, jitter=jitter, train=train, seed=seed, batch_size=batch_size,
+                      drop_last=drop_last, gpu=device_id is not None, validate=validate,
+                      max_bad_fraction=max_bad_fraction,
+                      read_threads=read_threads if read_threads is not None else num_threads)
+        if shards:
+            self.has_labels = bool(manifest.classes)
+            self._source = _ShardSource(manifest, self.sampler, **common)
+        else:
+            self.has_labels = manifest.has_labels
+            labels = manifest.label_indices() if self.has_labels else None
+            self._source = _Source(manifest, self.sampler, labels=labels, **common)
         self._pipe_args = dict(video=video, preset=preset, stats=stats, train=train, with_label=self.has_labels,
                                batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                                prefetch_queue_depth=prefetch_queue_depth)
@@ -599,7 +730,15 @@ class DaliLoader:
             pass
 
 
-def _check_manifest_audio(manifest: Manifest) -> None:
+def _check_manifest_audio(manifest: Union[Manifest, ShardIndex]) -> None:
+    if isinstance(manifest, ShardIndex):
+        audio = [e for e, ext in enumerate(manifest.exts) if ext in AUDIO_MEMBER_EXTENSIONS]
+        without = np.flatnonzero((manifest.offset[:, audio] < 0).all(axis=1)) if audio else np.arange(len(manifest))
+        if without.size:
+            sample = manifest.samples[int(without[0])]
+            raise DaliInputError(f"shard sample {sample.key} ({manifest.shard_path(sample.shard)}): no WAV/FLAC "
+                                 f"member; DALI decodes audio only from extracted files; {_PREPARE_HINT} --shards")
+        return
     for i, row in enumerate(manifest.rows):
         extracted = row.get("audio_path")
         if not extracted:
@@ -615,7 +754,7 @@ def _check_manifest_audio(manifest: Manifest) -> None:
 
 
 def build_dali_loader(
-    manifest: Union[Manifest, str],
+    manifest: Union[Manifest, str, ShardIndex],
     *,
     video: VideoConfig,
     audio_preset: Union[str, SpectrogramPreset],
@@ -647,6 +786,10 @@ def build_dali_loader(
     manifest: a Manifest or the path of a manifest CSV; every row needs an ``audio_path`` to a
         WAV/FLAC/OGG file (``avidfast prepare --extract-audio wav``). ``duration`` / ``fps`` /
         ``width`` / ``height`` are taken from the manifest and probed with PyAV where missing.
+        Or a :class:`~avidfast.data.shards.index.ShardIndex` (``read_index(OUT/shards)``): the
+        samples are read from the shards in the shard-grouped order of
+        :mod:`avidfast.data.shards.order` (each rank its own shards), ``index`` and ``label`` from
+        each sample's JSON; ``clips_per_video`` and ``samples_per_epoch`` must stay at their defaults.
     mode: 'train' (shuffled; random clip start, crop, flip, colour and audio jitter) or 'eval'
         (in order; the clip in the middle of the file, short side to crop/0.875 and centre crop,
         un-jittered audio from the clip start; deterministic).

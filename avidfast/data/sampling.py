@@ -4,7 +4,7 @@ Both pipelines use these, so that a CPU run and a DALI run with the same seed se
 in the same order on every rank.
 """
 import hashlib
-from typing import Iterator, List, Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -36,12 +36,13 @@ def epoch_order(
     shuffle: bool = True,
     clips_per_video: int = 1,
     samples_per_epoch: Optional[int] = None,
-) -> List[int]:
-    """The global order of video indices in one epoch (before sharding).
+) -> torch.Tensor:
+    """The global order of video indices in one epoch (before sharding): an int64 tensor.
 
     Each video appears clips_per_video times (each read gets its own random clip). With
     samples_per_epoch (Table 3's "es"), the order is cut or cycled to that length, continuing
     through fresh permutations, so an epoch can be shorter or longer than the dataset.
+    One tensor of 8 bytes per sample (16 MB for 2M videos); ranks read views of it.
     """
     if num_videos <= 0:
         raise ValueError("the dataset is empty: no videos to sample")
@@ -49,17 +50,25 @@ def epoch_order(
         raise ValueError(f"clips_per_video must be >= 1, got {clips_per_video}")
     per_pass = num_videos * clips_per_video
     total = samples_per_epoch if samples_per_epoch is not None else per_pass
-    order: List[int] = []
-    round_ = 0
-    while len(order) < total:
+    if total <= 0:
+        raise ValueError(f"samples_per_epoch must be >= 1, got {total}")
+    passes = []
+    for round_ in range(-(-total // per_pass)):
         base = torch.arange(num_videos).repeat_interleave(clips_per_video)
         if shuffle:
             generator = torch.Generator()
             generator.manual_seed(sample_seed(seed, epoch, -1, round_))
             base = base[torch.randperm(per_pass, generator=generator)]
-        order.extend(base.tolist())
-        round_ += 1
+        passes.append(base)
+    order = passes[0] if len(passes) == 1 else torch.cat(passes)
     return order[:total]
+
+
+def iterate_pairs(positions: torch.Tensor, videos: torch.Tensor, chunk: int = 4096) -> Iterator[tuple]:
+    """Yields (position, video) int pairs from two equally long 1-d tensors, converting ``chunk``
+    elements at a time (never the whole sequence as Python ints)."""
+    for start in range(0, positions.numel(), chunk):
+        yield from zip(positions[start:start + chunk].tolist(), videos[start:start + chunk].tolist())
 
 
 class ShardedEpochSampler(torch.utils.data.Sampler):
@@ -99,11 +108,22 @@ class ShardedEpochSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.per_rank - self.skip
 
+    def rank_order(self, order: torch.Tensor) -> torch.Tensor:
+        """This rank's videos in ``order`` (the epoch's global order), padding included: a strided
+        view of ``order`` (no copy) when no padding is needed; the padded tail (fewer than
+        world_size items wrapped from the start) is the only copy."""
+        mine = order[self.rank::self.world_size]
+        if mine.numel() < self.per_rank:  # padding: position p reads order[p % len(order)]
+            wrapped = order[(self.rank + mine.numel() * self.world_size) % order.numel()].reshape(1)
+            mine = torch.cat([mine, wrapped])
+        return mine
+
     def __iter__(self) -> Iterator[tuple]:
         order = epoch_order(
             self.num_videos, self.epoch, self.seed, shuffle=self.shuffle,
             clips_per_video=self.clips_per_video, samples_per_epoch=self.samples_per_epoch,
         )
-        padded = self.per_rank * self.world_size
-        for position in range(self.rank + self.skip * self.world_size, padded, self.world_size):
-            yield position, order[position % len(order)]
+        videos = self.rank_order(order)[self.skip:]
+        first = self.rank + self.skip * self.world_size
+        positions = torch.arange(first, first + videos.numel() * self.world_size, self.world_size)
+        yield from iterate_pairs(positions, videos)

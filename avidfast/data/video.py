@@ -6,7 +6,7 @@ short side to crop / 0.875 and centre-crops. Output: (3, T, H, W) float32, norma
 """
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import BinaryIO, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -173,7 +173,7 @@ REFERENCE_MARGIN = 8  # frames before the clip decoded in full, so B-frame reord
 
 
 def decode_frames(
-    path: str,
+    path: Union[str, BinaryIO],
     start: float,
     config: VideoConfig,
     *,
@@ -181,7 +181,8 @@ def decode_frames(
     size: Optional[Tuple[int, int]] = None,
     threads: int = 1,
 ) -> np.ndarray:
-    """Frames shown at start + i / fps, i < frames, as uint8 (T, H, W, 3) RGB.
+    """Frames shown at start + i / fps, i < frames, as uint8 (T, H, W, 3) RGB, from the video file
+    ``path`` (a file name, or an open binary file such as a shard member).
 
     crop=(top, left, height, width) cuts that region of each frame (source pixels) and
     size=(height, width) resizes to it (FFmpeg's swscale, bilinear, antialiased when shrinking);

@@ -86,8 +86,27 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+def _shard_index(cfg: Config, manifest):
+    """The index of cfg.data.shards, checked to hold exactly the manifest's memory slots."""
+    from avidfast.data.manifest import manifest_fingerprint
+    from avidfast.data.shards.index import ShardError, read_index
+
+    try:
+        index = read_index(cfg.data.shards)
+    except ShardError as error:
+        raise TrainingError(f"data.shards: {error}") from None
+    if index.fingerprint != manifest_fingerprint(manifest) or len(index) != len(manifest):
+        raise TrainingError(f"data.shards={cfg.data.shards} was not written from data.manifest={cfg.data.manifest} "
+                            f"({len(index)} samples, {len(manifest)} rows, or other videos in the slots): write the "
+                            "shards from that manifest (`avidfast prepare ... --shards`) or point data.manifest at "
+                            "the one they came from")
+    if cfg.optim.samples_per_epoch is not None:
+        raise TrainingError("data.shards reads every sample once per epoch: leave optim.samples_per_epoch unset")
+    return index
+
+
 def build_loader(cfg: Config, manifest, rank: int, world: int, device: torch.device):
-    """The CPU or DALI training loader of cfg.data."""
+    """The CPU or DALI training loader of cfg.data (from cfg.data.shards when set)."""
     from avidfast.data.audio import AudioJitter, SpectrogramStats, get_preset
 
     video = cfg.data.video.to_video_config()
@@ -95,21 +114,29 @@ def build_loader(cfg: Config, manifest, rank: int, world: int, device: torch.dev
     preset = get_preset(a.preset)
     jitter = AudioJitter(volume=tuple(a.volume), max_offset=a.max_offset, duration=tuple(a.duration))
     stats = SpectrogramStats.load(a.stats, preset) if a.stats else None
+    shards = _shard_index(cfg, manifest) if cfg.data.shards else None
     if cfg.data.pipeline == "dali":
         from avidfast.data.dali_pipeline import build_dali_loader
 
         if device.type != "cuda":
             raise TrainingError("data.pipeline=dali needs a GPU; use --set data.pipeline=cpu on this machine")
         return build_dali_loader(
-            manifest, video=video, audio_preset=preset, stats=stats, batch_size=cfg.per_process_batch(world),
+            shards if shards is not None else manifest, video=video, audio_preset=preset, stats=stats,
+            batch_size=cfg.per_process_batch(world),
             mode="train", seed=cfg.seed, rank=rank, world_size=world, device_id=device.index or 0,
             num_threads=max(1, cfg.data.workers), jitter=jitter, samples_per_epoch=cfg.optim.samples_per_epoch,
             max_bad_fraction=cfg.data.max_bad_fraction,
         )
     from avidfast.data.cpu_pipeline import ClipDataset, CPULoader
 
-    dataset = ClipDataset(manifest, video=video, audio_preset=preset, stats=stats, mode="train", jitter=jitter,
-                          seed=cfg.seed)
+    if shards is not None:
+        from avidfast.data.shards.dataset import ShardClipDataset
+
+        dataset = ShardClipDataset(shards, video=video, audio_preset=preset, stats=stats, mode="train", jitter=jitter,
+                                   seed=cfg.seed, classes=manifest.classes)
+    else:
+        dataset = ClipDataset(manifest, video=video, audio_preset=preset, stats=stats, mode="train", jitter=jitter,
+                              seed=cfg.seed)
     return CPULoader(dataset, batch_size=cfg.per_process_batch(world), workers=cfg.data.workers, rank=rank,
                      world_size=world, samples_per_epoch=cfg.optim.samples_per_epoch,
                      max_bad_fraction=cfg.data.max_bad_fraction)

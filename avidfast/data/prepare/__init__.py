@@ -26,6 +26,9 @@ Output folder OUT:
     manifest entry outside its root goes under ``_outside/<hash>/``.
   * ``rejected.csv``: ``path`` (relative to OUT, like above) and ``reason`` (one short line).
     When no clip is usable, neither file is written: :class:`PrepareError` gives the reasons.
+  * with ``shards``: ``shards/`` holds the kept clips (the ``path`` file, the extracted audio and
+    a JSON with memory slot, label and metadata per clip) as tar shards of about ``shard_bytes``
+    and their ``index.npz`` (:mod:`avidfast.data.shards`), rewritten from manifest.csv by each run.
   * ``.prepare/``: one JSON record per source file (its probe and the outputs made from it) and
     the options of the last run. A rerun skips every file whose record matches the file's size and
     modification time and whose outputs exist and were made with the same options (outputs are
@@ -52,7 +55,7 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional
 
-from avidfast.data.manifest import write_manifest
+from avidfast.data.manifest import Manifest, write_manifest
 from avidfast.data.prepare.discovery import (
     VIDEO_EXTENSIONS, Entry, check_out, check_same_source, find_sources, output_stems, planned_outputs, relative,
     repeated_sources,
@@ -66,6 +69,10 @@ from avidfast.data.prepare.records import (
     withdraw_outdated_lists,
 )
 from avidfast.data.prepare.writers import AUDIO_RATE
+from avidfast.data.shards.index import INDEX_NAME
+from avidfast.data.shards.writer import DEFAULT_SHARD_BYTES, write_shards
+
+SHARDS_DIR = "shards"
 
 __all__ = ["prepare", "PrepareError", "PrepareSummary", "reason_kind", "VIDEO_EXTENSIONS", "AUDIO_FORMATS",
            "TRANSCODES", "AUDIO_RATE", "STATE_DIR"]
@@ -74,8 +81,8 @@ __all__ = ["prepare", "PrepareError", "PrepareSummary", "reason_kind", "VIDEO_EX
 def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int = 2,
             extract_audio: Optional[str] = None, transcode: Optional[str] = None, fps: int = 16,
             gop: int = 16, short_side: Optional[int] = None, min_seconds: float = 2.0, check: str = "fast",
-            progress: bool = True, log: Optional[Callable[[str], None]] = None,
-            video_only: bool = False) -> PrepareSummary:
+            shards: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
+            log: Optional[Callable[[str], None]] = None, video_only: bool = False) -> PrepareSummary:
     """Probes SRC, writes ``OUT/manifest.csv`` and ``OUT/rejected.csv``; see the module docstring.
 
     ``extract_audio``: None, "wav" or "flac" (24 kHz mono 16-bit). ``transcode``: None, "h264"
@@ -87,7 +94,8 @@ def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int 
     crops): decoding and cropping such copies is much cheaper than the originals. ``min_seconds``:
     shorter clips are rejected. ``check``: how hard each file is probed, see :mod:`avidfast.data.probe`.
     ``video_only``: keep files without an audio stream (module docstring; not with ``extract_audio`` /
-    ``transcode``).
+    ``transcode``). ``shards``: also write ``OUT/shards`` (tar shards of at most ``shard_bytes``
+    bytes, 1 GiB by default).
     ``log`` receives one-line notes and warnings (default: stderr when ``progress``); the
     warnings are also in ``summary.warnings``.
     Raises :class:`PrepareError` for bad arguments or inputs, and when no clip is usable (with the
@@ -96,6 +104,8 @@ def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int 
     started = time.monotonic()
     check_arguments(extract_audio=extract_audio, transcode=transcode, check=check, fps=fps, gop=gop,
                     workers=workers, min_seconds=min_seconds, short_side=short_side, video_only=video_only)
+    if shard_bytes < 1:
+        raise PrepareError(f"shard_bytes must be >= 1, got {shard_bytes}")
     if log is None:
         log = (lambda message: print(message, file=sys.stderr, flush=True)) if progress else (lambda message: None)
 
@@ -161,6 +171,11 @@ def prepare(src: str, out_dir: str, *, root: Optional[str] = None, workers: int 
     columns = manifest_columns(entries, extract_audio, video_only)
     write_manifest(summary.manifest_path, kept_rows, columns=columns)
     write_manifest(summary.rejected_path, rejected_rows, columns=["path", "reason"])
+    if shards:
+        folder = os.path.join(out, SHARDS_DIR)
+        index = write_shards(Manifest(out, kept_rows, columns), folder, shard_bytes=shard_bytes)
+        summary.shards = os.path.join(folder, INDEX_NAME)
+        log(f"wrote {len(index)} clips in {len(index.shards)} shard(s) to {folder}")
     summary.total = len(entries)
     summary.kept = len(kept_rows)
     summary.rejected = len(rejected_rows)

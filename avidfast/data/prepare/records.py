@@ -35,6 +35,7 @@ class PrepareSummary:
     reused: int = 0         # files whose outputs were already complete
     seconds: float = 0.0    # wall-clock time of the run
     warnings: List[str] = field(default_factory=list)  # what the run noticed but did not stop for
+    shards: Optional[str] = None  # the shard index written with ``shards=True``
 
     def format(self) -> str:
         lines = [f"found {self.total} files: kept {self.kept}, rejected {self.rejected} "
@@ -43,6 +44,8 @@ class PrepareSummary:
             lines.append(f"  {count:6d}  {reason}")
         lines.append(f"manifest: {self.manifest_path}")
         lines.append(f"rejected: {self.rejected_path}")
+        if self.shards:
+            lines.append(f"shards:   {self.shards}")
         return "\n".join(lines)
 
 
