@@ -1,22 +1,24 @@
-"""`avidfast demo` (and `make demo`): the whole method on a laptop CPU, with nothing downloaded.
+"""The demo's steps (`avidfast demo`, `make demo`).
 
-An application on the top floor of the package: it uses the data, training and evaluation layers
-(the synthetic set, `train`, the linear and memory probes, retrieval) and nothing below it uses it.
+1. writes two synthetic sets (real H.264 + AAC clips whose picture and sound share a hidden class
+   and three hidden per-clip values): one to train on, and a held-out one (seed + 1) that the
+   network never sees; 2. computes the spectrogram statistics; 3. trains Cross-AVID with the
+   `demo` config; 4. measures, on the held-out clips, for the trained network and for the same
+   network at initialisation: instance-level cross-modal recall@1/5/10 (a clip's own sound among
+   every held-out sound, and the other way round), class-level cross-modal precision@1 and a
+   linear probe on the video features (trained on the training set's clips), each with its 95%
+   Wilson interval; the memory-bank probe on the training set; 5. draws the pictures and writes
+   results.json.
 
-1. writes the synthetic set (real H.264 + AAC clips whose picture and sound share a hidden class);
-2. computes the spectrogram statistics; 3. trains Cross-AVID with the `demo` config;
-4. probes what was learned: a linear classifier per block on frozen video features, and on the
-   memory banks (5 random 70/30 splits), each against the same probe on the network and banks
-   before training, and against chance; 5. writes loss_curve.png and results.json.
-
-Rerunning reuses finished steps (the data set, the stats, a finished training run; an
+Rerunning reuses finished steps (the data sets, the stats, a finished training run; an
 interrupted run resumes).
 """
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -28,7 +30,7 @@ log = logging.getLogger("avidfast")
 
 @dataclass
 class DemoSettings:
-    """Size of the demo (defaults: about 10 minutes on 2 cores, including the probes)."""
+    """Size of the demo (defaults: about 6 minutes on 2 idle cores, including the measurements)."""
 
     out_dir: str = os.path.join("runs", "demo")
     videos: int = 240
@@ -37,14 +39,15 @@ class DemoSettings:
     colour_cue: float = COLOUR_CUE  # share of clips painted in their class's hue (random hue otherwise)
     seed: int = 0
     epochs: Optional[int] = None  # None: the demo config's
-    probe_clips: int = 2  # evenly spaced clips per video for the linear probe and retrieval
-    held_out_videos: int = 60  # clips of a second synthetic set (seed + 1) for cross-modal retrieval
+    probe_clips: int = 2  # evenly spaced clips per video for the measurements
+    held_out_videos: int = 180  # videos of a second synthetic set (seed + 1) for every held-out figure
     progress: bool = True
     overrides: Sequence[str] = ()  # extra ``key=value`` settings of the demo training config
 
 
-def _eval_loader(cfg, manifest, settings: "DemoSettings", stats):
-    """``settings.probe_clips`` evenly spaced, centre-cropped clips of every video of ``manifest``."""
+def _batches(cfg, manifest, settings: "DemoSettings", stats) -> List[Mapping[str, torch.Tensor]]:
+    """``settings.probe_clips`` evenly spaced, centre-cropped clips of every video of ``manifest``,
+    decoded once and kept as a list of batches (each measurement reads them again)."""
     from avidfast.data.audio import get_preset
     from avidfast.data.cpu_pipeline import ClipDataset, CPULoader
     from avidfast.data.video import VideoConfig
@@ -53,14 +56,7 @@ def _eval_loader(cfg, manifest, settings: "DemoSettings", stats):
     video = VideoConfig(frames=v.frames, fps=v.fps, crop=v.crop)
     dataset = ClipDataset(manifest, video=video, audio_preset=get_preset(cfg.data.audio.preset), stats=stats,
                           mode="eval", clips_per_video=settings.probe_clips, seed=settings.seed)
-    return CPULoader(dataset, batch_size=32, workers=cfg.data.workers)
-
-
-def _probe_features(model, cfg, manifest, settings: "DemoSettings", stats):
-    from avidfast.eval.features import extract_features
-
-    return extract_features(model, _eval_loader(cfg, manifest, settings, stats), modality="video",
-                            progress=settings.progress)
+    return list(CPULoader(dataset, batch_size=32, workers=cfg.data.workers))
 
 
 def _settings_of(config: Dict[str, object]) -> Dict[str, object]:
@@ -70,62 +66,75 @@ def _settings_of(config: Dict[str, object]) -> Dict[str, object]:
     return plain
 
 
-def _held_out_recall(model, cfg, manifest, settings: "DemoSettings", stats) -> Dict[str, object]:
-    """Video-to-audio / audio-to-video recall@1,5,10 of ``model``'s embeddings over the videos of
-    ``manifest`` (its evaluation clips averaged per video)."""
-    from avidfast.eval.retrieval import cross_modal_recall, embed_clips
+def _with_intervals(figures: Dict[str, object], n: int) -> Dict[str, object]:
+    """``figures`` (a recall or precision dict) with an ``interval`` entry: the 95% Wilson interval
+    of each of its fractions over ``n`` queries."""
+    from avidfast.eval.confidence import fraction_interval
 
-    clips = embed_clips(model, _eval_loader(cfg, manifest, settings, stats), progress=settings.progress)
-    return cross_modal_recall(clips.video, clips.audio, (1, 5, 10), index=clips.index)
+    out = dict(figures)
+    out["interval"] = {}
+    for key in ("v2a", "a2v"):
+        value = figures[key]
+        out["interval"][key] = ({name: list(fraction_interval(v, n)) for name, v in value.items()}
+                                if isinstance(value, dict) else list(fraction_interval(value, n)))
+    return out
 
 
-def _loss_curve(metrics_csv: str, png: str) -> None:
-    import matplotlib
+def _cross_modal(model, held_out: List[Mapping[str, torch.Tensor]], progress: bool):
+    """Per-video embeddings of the held-out clips (a ClipEmbeddings, clips averaged), instance
+    recall@1/5/10 and class-level precision@1, each with intervals."""
+    from avidfast.eval.retrieval import cross_modal_class_precision, cross_modal_recall, embed_clips
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    videos = embed_clips(model, held_out, progress=progress).per_video()
+    n = len(videos)
+    instance = _with_intervals(cross_modal_recall(videos.video, videos.audio, (1, 5, 10)), n)
+    precision = _with_intervals(cross_modal_class_precision(videos.video, videos.audio, videos.label), n)
+    return videos, instance, precision
 
-    steps, losses = [], []
-    with open(metrics_csv) as f:
-        next(f)
-        for line in f:
-            fields = line.strip().split(",")
-            steps.append(int(fields[0]))
-            losses.append(float(fields[2]))
-    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=120)
-    axis.plot(steps, losses, lw=1)
-    axis.set_xlabel("step")
-    axis.set_ylabel("Cross-AVID loss")
-    axis.set_title("avidfast demo: training loss")
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    tmp = png + ".tmp.png"
-    figure.savefig(tmp)
-    plt.close(figure)
-    os.replace(tmp, png)
+
+def _linear_probe(model, train_clips, held_out, seed: int, progress: bool) -> Dict[str, object]:
+    """A linear probe per block on the frozen video features of the training set's clips, scored on
+    the held-out videos; the best block's video-level top-1 as ``held_out_top1`` with its interval."""
+    from avidfast.eval.confidence import fraction_interval
+    from avidfast.eval.features import extract_features
+    from avidfast.eval.linear_probe import train_linear_probe
+
+    train = extract_features(model, train_clips, modality="video", progress=progress)
+    test = extract_features(model, held_out, modality="video", progress=progress)
+    probe = train_linear_probe(train, test, seed=seed, epochs=60, lr=3e-3, weight_decay=1e-4)
+    figures = probe.to_dict()
+    figures["held_out_top1"] = probe.best_top1
+    figures["interval"] = list(fraction_interval(probe.best_top1, probe.num_test_videos))
+    return figures, probe.format()
 
 
 def run_demo(settings: DemoSettings) -> Dict[str, object]:
     """Runs the demo; returns (and writes to OUT/results.json) its figures."""
+    from avidfast.checkpoints import store as ckpt
+    from avidfast.checkpoints.build import build_criterion, build_model
+    from avidfast.config import ConfigError, load_config
     from avidfast.data.audio import SpectrogramStats, get_preset
     from avidfast.data.manifest import read_manifest
     from avidfast.data.stats import compute_stats
     from avidfast.data.synthetic import make_dataset
-    from avidfast.eval.data import stratified_split
-    from avidfast.eval.linear_probe import train_linear_probe
+    from avidfast.demo import pictures
+    from avidfast.demo.report import goals, summary
     from avidfast.eval.memory_probe import memory_probe
-    from avidfast.checkpoints import store as ckpt
-    from avidfast.checkpoints.build import build_criterion, build_model
-    from avidfast.config import ConfigError, load_config
     from avidfast.train.loop import train
     from avidfast.train.run_folder import setup_logging
 
+    started = time.perf_counter()
+    seconds: Dict[str, float] = {}
     out = settings.out_dir
     os.makedirs(out, exist_ok=True)
     setup_logging(out, rank=0)
-    log.info("1/5 synthetic set: %d clips of %d classes, %.0f s each", settings.videos, settings.classes, settings.seconds)
+    log.info("1/5 synthetic sets: %d clips to train on and %d held-out clips, %d classes, %.0f s each",
+             settings.videos, settings.held_out_videos, settings.classes, settings.seconds)
     manifest_path = make_dataset(os.path.join(out, "data"), settings.videos, settings.classes, settings.seconds,
                                  settings.seed, colour_cue=settings.colour_cue, progress=settings.progress)
+    held_out_manifest = read_manifest(make_dataset(
+        os.path.join(out, "held_out"), settings.held_out_videos, settings.classes, settings.seconds, settings.seed + 1,
+        colour_cue=settings.colour_cue, progress=settings.progress))
     manifest = read_manifest(manifest_path)
     overrides = [f"data.manifest={manifest_path}", f"out_dir={os.path.join(out, 'train')}", f"seed={settings.seed}",
                  f"train.progress={str(settings.progress).lower()}"]
@@ -149,6 +158,7 @@ def run_demo(settings: DemoSettings) -> Dict[str, object]:
         log.info("2/5 spectrogram statistics: reusing %s", stats_path)
     stats = SpectrogramStats.load(stats_path, preset)
     cfg = load_config("demo", overrides + [f"data.audio.stats={stats_path}"])
+    seconds["data"] = time.perf_counter() - started
 
     last = ckpt.latest_checkpoint(cfg.run_dir)
     state = ckpt.load_checkpoint(last) if last else None
@@ -170,65 +180,43 @@ def run_demo(settings: DemoSettings) -> Dict[str, object]:
             raise KeyboardInterrupt
         model, criterion, clips_per_second = result.model, result.criterion, result.clips_per_second
     setup_logging(out, rank=0)  # train() pointed the file log at the run folder
+    seconds["training"] = time.perf_counter() - started - seconds["data"]
 
-    log.info("4/5 probes: linear probe per block on frozen video features, memory-bank probe")
+    log.info("4/5 measurements on %d held-out clips, trained network and the same network at initialisation",
+             len(held_out_manifest))
     random_model = build_model(cfg)  # the same network at initialisation (before training)
     random_criterion = build_criterion(cfg, len(manifest))
-    labels = torch.tensor(manifest.label_indices())  # class indices: positions in manifest.classes
-    train_videos, _ = stratified_split(labels, 0.3, settings.seed)  # 70% of each class's videos train the probe
-    figures: Dict[str, object] = {"chance": 1.0 / settings.classes, "clips_per_second": clips_per_second}
+    held_out = _batches(cfg, held_out_manifest, settings, stats)
+    train_clips = _batches(cfg, manifest, settings, stats)
+    figures: Dict[str, object] = {"chance": 1.0 / settings.classes, "num_classes": settings.classes,
+                                  "train_videos": len(manifest), "held_out_videos": len(held_out_manifest),
+                                  "clips_per_second": clips_per_second}
+    embeddings = {}
     for name, net in (("trained", model), ("random", random_model)):
-        features = _probe_features(net.eval(), cfg, manifest, settings, stats)
-        in_train = torch.isin(features.index, train_videos)
-        probe = train_linear_probe(features.select(in_train), features.select(~in_train), seed=settings.seed,
-                                   epochs=60, lr=3e-3, weight_decay=1e-4)
-        log.info("%s network:\n%s", name, probe.format())
-        figures[f"linear_{name}"] = probe.to_dict()
+        net.eval()
+        embeddings[name], figures[f"instance_{name}"], figures[f"class_{name}"] = _cross_modal(
+            net, held_out, settings.progress)
+        figures[f"linear_{name}"], table = _linear_probe(net, train_clips, held_out, settings.seed, settings.progress)
+        log.info("%s network: recall@5 video->audio %.1f%%, audio->video %.1f%%; class precision@1 %.1f%% / "
+                 "%.1f%%; linear probe on held-out videos:\n%s", name, 100 * figures[f"instance_{name}"]["v2a"]["R@5"],
+                 100 * figures[f"instance_{name}"]["a2v"]["R@5"], 100 * figures[f"class_{name}"]["v2a"],
+                 100 * figures[f"class_{name}"]["a2v"], table)
+    labels = torch.tensor(manifest.label_indices())
     for name, crit in (("trained", criterion), ("random", random_criterion)):
         banks = memory_probe(crit.video_memory.memory.float(), crit.audio_memory.memory.float(), labels,
                              seed=settings.seed, epochs=60, lr=3e-3, weight_decay=1e-4)
         log.info("%s banks:\n%s", name, banks.format())
         figures[f"memory_{name}"] = banks.to_dict()
+    figures["goals"] = goals(figures)
+    figures["verdict"] = all(g["passed"] for g in figures["goals"])
+    seconds["measurements"] = time.perf_counter() - started - seconds["data"] - seconds["training"]
 
-    log.info("cross-modal retrieval on held-out synthetic clips (a set the network never saw)")
-    held_out = read_manifest(make_dataset(os.path.join(out, "held_out"), settings.held_out_videos, settings.classes,
-                                          settings.seconds, settings.seed + 1, colour_cue=settings.colour_cue,
-                                          progress=settings.progress))
-    for name, net in (("trained", model), ("random", random_model)):
-        recall = _held_out_recall(net, cfg, held_out, settings, stats)
-        log.info("%s network: recall@1 video->audio %.2f%%, audio->video %.2f%% (chance %.2f%%)", name,
-                 100 * recall["v2a"]["R@1"], 100 * recall["a2v"]["R@1"], 100 * recall["chance"]["R@1"])
-        figures[f"retrieval_{name}"] = recall
-
-    log.info("5/5 loss curve and results")
-    _loss_curve(os.path.join(cfg.run_dir, "metrics.csv"), os.path.join(out, "loss_curve.png"))
+    log.info("5/5 pictures and results")
+    pictures.loss_curve(os.path.join(cfg.run_dir, "metrics.csv"), os.path.join(out, "loss_curve.png"))
+    pictures.retrieval_grid(held_out, embeddings, os.path.join(out, "retrieval_grid.png"))
+    pictures.similarity_matrix(embeddings, os.path.join(out, "similarity_matrix.png"))
+    seconds["total"] = time.perf_counter() - started
+    figures["seconds"] = seconds
     atomic_write_text(os.path.join(out, "results.json"), json.dumps(figures, indent=2, default=str) + "\n")
     print(summary(figures, out))
     return figures
-
-
-def summary(figures: Dict[str, object], out: str) -> str:
-    """The demo's closing table."""
-    chance = figures["chance"]
-    trained, random_ = figures["linear_trained"], figures["linear_random"]
-    best_t, best_r = trained["best_block"], random_["best_block"]
-    t, r = trained["video_top1"][best_t], random_["video_top1"][best_r]
-    mt, mr = figures["memory_trained"], figures["memory_random"]
-    lines = [
-        "",
-        "avidfast demo: what Cross-AVID learned on the synthetic set (held-out videos, top-1)",
-        f"  chance                                   {100 * chance:6.2f}%",
-        f"  linear probe, trained network ({best_t:>6})   {100 * t:6.2f}%  ({t / chance:.1f}x chance)",
-        f"  linear probe, random network  ({best_r:>6})   {100 * r:6.2f}%  ({r / chance:.1f}x chance)",
-    ]
-    for kind in mt["mean"]:
-        lines.append(f"  memory probe, {kind:<8} trained banks      {100 * mt['mean'][kind]:6.2f}% +- "
-                     f"{100 * mt['std'][kind]:.2f}  (random banks {100 * mr['mean'][kind]:.2f}%)")
-    rt, rr = figures["retrieval_trained"], figures["retrieval_random"]
-    lines.append(f"  retrieval recall@1 on {rt['num_queries']} held-out videos: trained video->audio "
-                 f"{100 * rt['v2a']['R@1']:.2f}%, audio->video {100 * rt['a2v']['R@1']:.2f}%; random network "
-                 f"{100 * rr['v2a']['R@1']:.2f}% / {100 * rr['a2v']['R@1']:.2f}% (chance {100 * rt['chance']['R@1']:.2f}%)")
-    verdict = "learned" if t >= 3 * chance and t > r else "did NOT reach 3x chance above the random network"
-    lines.append(f"  verdict: {verdict}; loss curve {os.path.join(out, 'loss_curve.png')}, "
-                 f"TensorBoard: tensorboard --logdir {os.path.join(out, 'train', 'tb')}")
-    return "\n".join(lines)
