@@ -5,7 +5,6 @@ import signal
 from typing import List
 
 from avidfast.cli.common import UserError, positive_int
-from avidfast.data.synthetic import COLOUR_CUE
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -80,7 +79,9 @@ def register(commands) -> None:
     demo.add_argument("--videos", type=positive_int, default=240, help="synthetic clips")
     demo.add_argument("--classes", type=positive_int, default=6, help="synthetic classes")
     demo.add_argument("--seconds", type=float, default=4.0, help="clip length")
-    demo.add_argument("--colour-cue", type=float, default=COLOUR_CUE,
+    from avidfast.demo.run import DEMO_COLOUR_CUE
+
+    demo.add_argument("--colour-cue", type=float, default=DEMO_COLOUR_CUE,
                       help="share of synthetic clips painted in their class's hue (others: random hue)")
     demo.add_argument("--held-out-videos", type=positive_int, default=180,
                       help="clips of a second synthetic set (seed + 1) that every measurement is made on")

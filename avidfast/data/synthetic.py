@@ -11,16 +11,15 @@ Class ``c`` fixes
   * the sound: a pitch (24 semitone steps over two octaves), a rhythm (steady tone or 2, 3 or
     4 beeps per second) and a timbre (3 harmonic mixes); the pitch alone is distinct for the
     first 24 classes.
-Every clip also draws three values of its own that picture and sound share (so that a clip's
+Every clip also draws two values of its own that picture and sound share (so that a clip's
 sound can be told from the sounds of other clips of its class, as in instance discrimination):
   * the shape's hue <-> the pitch of a soft whistle, 1.5 to 8.5 kHz (``whistle_hz``);
-  * the shape's size <-> the loudness of the tone (a bigger shape sounds louder);
-  * the background's brightness <-> the level of the background hiss.
-A tempo shared by the motion and the rhythm (beeps phase-locked to the motion) is a fourth, but
+  * the shape's size <-> the loudness of the tone (a bigger shape sounds louder).
+A tempo shared by the motion and the rhythm (beeps phase-locked to the motion) is a third, but
 the training augmentations (audio offset and duration jitter) blur it. The rest is nuisance of
-one stream only: shape position, motion amplitude and phase, the background's tint, per-frame
-block noise, a grey distractor blob and pitch jitter (+-0.3 semitone). The class is learnable from
-either stream but not from a single pixel or bin.
+one stream only: shape position, motion amplitude and phase, background colour, per-frame block
+noise, a grey distractor blob, pitch jitter (+-0.3 semitone) and background hiss. The class is
+learnable from either stream but not from a single pixel or bin.
 
 Same arguments -> same decoded content (x264 runs single-threaded, which keeps it deterministic).
 """
@@ -207,9 +206,8 @@ def render_clip(label: int, rng: np.random.Generator, seconds: float, size: Tupl
     # --- picture ---
     side = min(width, height)
     size = rng.random()  # shared: the shape's radius and the tone's loudness
-    brightness = rng.random()  # shared: the background's brightness and the hiss level
-    radius = (0.10 + 0.10 * size) * side
-    amp = rng.uniform(0.15, 0.25) * side
+    radius = (0.15 + 0.10 * size) * side
+    amp = rng.uniform(0.08, 0.15) * side
     phase = rng.uniform(0, 2 * np.pi)
     omega = 2 * np.pi * 0.5 * tempo  # one motion cycle every 2 s at tempo 1
     margin = radius + amp
@@ -240,7 +238,7 @@ def render_clip(label: int, rng: np.random.Generator, seconds: float, size: Tupl
     own_colour = rng.random() < colour_cue
     hue = ((style["hue"] if own_colour else rng.random()) + rng.uniform(-0.03, 0.03)) % 1.0
     colour = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0))) * 255
-    background = 10 + 60 * brightness + rng.uniform(-8, 8, size=3)
+    background = rng.uniform(0, 70, size=3)
     noise = rng.uniform(4, 12)
     video = np.empty((frames, height, width, 3), np.int16)
     video[:] = background.astype(np.int16)
@@ -277,8 +275,7 @@ def render_clip(label: int, rng: np.random.Generator, seconds: float, size: Tupl
     else:
         envelope = np.ones(n)
     loudness = 0.15 + 0.35 * size
-    hiss = 0.005 + 0.035 * brightness
-    audio = loudness * tone * envelope + hiss * rng.standard_normal(n)
+    audio = loudness * tone * envelope + rng.uniform(0.01, 0.04) * rng.standard_normal(n)
     return video, np.clip(audio, -1, 1).astype(np.float32)
 
 
