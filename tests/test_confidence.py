@@ -28,7 +28,8 @@ def test_known_values_symmetry_and_width():
     assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)  # the textbook example
     low, high = wilson_interval(3, 20)
     assert wilson_interval(17, 20) == pytest.approx((1 - high, 1 - low))
-    assert wilson_interval(50, 100)[1] - wilson_interval(50, 100)[0] < wilson_interval(5, 10)[1] - wilson_interval(5, 10)[0]
+    wide, narrow = wilson_interval(5, 10), wilson_interval(50, 100)
+    assert narrow[1] - narrow[0] < wide[1] - wide[0]
     assert fraction_interval(1 / 3, 180) == wilson_interval(60, 180)
 
 

@@ -30,7 +30,8 @@ def test_demo_runs_end_to_end_and_reuses_its_work(toy, capsys):
                  "held_out/manifest.csv", "data/table5-stats.npz", "train/checkpoints/last.pt", "train/metrics.csv"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "results.json").read_text())
-    assert abs(saved["chance"] - 1 / 3) < 1e-9 and set(saved["memory_trained"]["mean"]) == {"video", "audio", "combined"}
+    assert abs(saved["chance"] - 1 / 3) < 1e-9
+    assert set(saved["memory_trained"]["mean"]) == {"video", "audio", "combined"}
     for net in ("trained", "random"):  # every held-out figure is measured on the 9 held-out videos
         assert saved[f"instance_{net}"]["num_queries"] == 9 and saved[f"class_{net}"]["num_queries"] == 9
         assert saved[f"linear_{net}"]["num_test_videos"] == 9 and saved[f"linear_{net}"]["num_train"] == 24

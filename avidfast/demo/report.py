@@ -6,6 +6,7 @@ reaches its multiple of chance *and* the low end of its interval lies above the 
 random network's interval (the same network at initialisation), so that a lucky draw of held-out
 clips cannot pass it.
 """
+import os
 from typing import Dict, List, Tuple
 
 DIRECTIONS = (("v2a", "video->audio"), ("a2v", "audio->video"))
@@ -74,8 +75,6 @@ def goals(figures: Dict[str, object]) -> List[Dict[str, object]]:
 
 def summary(figures: Dict[str, object], out: str) -> str:
     """The demo's closing table, its goals and verdict."""
-    import os
-
     n = figures["instance_trained"]["num_queries"]
     lines = ["", f"avidfast demo: what Cross-AVID learned, on {n} held-out clips of a second synthetic set "
              f"({figures['num_classes']} classes; 95% intervals)",
