@@ -20,6 +20,6 @@ for init in trained random; do
     "$avidfast" eval memory --checkpoint "$checkpoint" --out "$out/memory-$init" ${extra[@]+"${extra[@]}"}
     "$avidfast" eval finetune demo-finetune "${data[@]}" --set "out_dir=$out/finetune-$init" --checkpoint "$checkpoint" ${extra[@]+"${extra[@]}"}
     "$avidfast" eval retrieval --checkpoint "$checkpoint" --manifest "$demo/held_out/manifest.csv" \
-        --train-manifest "$demo/data/manifest.csv" --frames 8 --crop 64 --audio-stats "$demo/data/table5-stats.npz" \
+        --train-manifest "$demo/data/manifest.csv" --frames 4 --crop 64 --audio-stats "$demo/data/table5-stats.npz" \
         --out "$out/retrieval-$init" ${extra[@]+"${extra[@]}"}
 done

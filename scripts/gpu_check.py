@@ -904,7 +904,7 @@ def step_avid_run(ctx: Context, timeout: float) -> StepResult:
     argv = ctx.avidfast("train", "demo", *[w for o in overrides for w in ("--set", o)])
     result = run_command(argv, left, cwd=ctx.work, env=ctx.env, soft_timeout=train_seconds)
     step.commands.append(result)
-    step.notes.append(f"the demo config (Table 5 networks at width 16, 8x64^2 clips, Cross-AVID, K = 128) on 240 "
+    step.notes.append(f"the demo config (Table 5 networks at width 16, 4x64^2 clips, Cross-AVID, K = 128) on 240 "
                       f"synthetic clips, {ctx.workers} DataLoader workers, precision auto (bf16 where supported), "
                       f"channels_last; stopped by SIGTERM (which checkpoints) after {train_seconds:.0f} s of training")
     if not (result.returncode == 0 or (result.stopped and result.returncode in (143, -signal.SIGTERM))) \

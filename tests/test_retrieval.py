@@ -15,8 +15,8 @@ from media import make_clip
 
 from avidfast.cli import main
 from avidfast.data.manifest import read_manifest, write_manifest
-from avidfast.eval.retrieval import (ClipEmbeddings, cross_modal_recall, embed_clips, evaluate_retrieval,
-                                     knn_classify, knn_predict, true_pair_ranks)
+from avidfast.eval.retrieval import (ClipEmbeddings, cross_modal_class_precision, cross_modal_recall, embed_clips,
+                                     evaluate_retrieval, knn_classify, knn_predict, true_pair_ranks)
 from avidfast.checkpoints.reference import model_name_map, reference_name
 from avidfast.models.av import AVModel
 
@@ -154,6 +154,48 @@ def test_recall_rejects_bad_input():
         cross_modal_recall(x, torch.full((5, 4), float("nan")))
     with pytest.raises(ValueError, match="index must be"):
         cross_modal_recall(x, x, index=torch.arange(4))
+
+
+# ---- class-level precision@1 ----
+def _brute_class_precision(queries, candidates, labels):
+    """Per query, one candidate at a time: a hit when some same-class other candidate scores
+    strictly above every other-class candidate."""
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    c = candidates / np.linalg.norm(candidates, axis=1, keepdims=True)
+    hits = 0
+    for i in range(len(q)):
+        same = [float(q[i] @ c[j]) for j in range(len(c)) if j != i and labels[j] == labels[i]]
+        other = [float(q[i] @ c[j]) for j in range(len(c)) if labels[j] != labels[i]]
+        hits += bool(same) and (not other or max(same) > max(other))
+    return hits / len(q)
+
+
+def test_class_precision_matches_brute_force_with_ties():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    for rows in (lambda n: torch.randn(n, 6, dtype=torch.float64, generator=g), lambda n: _sign_rows(n, 3, g)):
+        n = int(torch.randint(3, 30, (), generator=g))
+        labels = torch.randint(0, 4, (n,), generator=g)
+        video, audio = rows(n), rows(n)
+        got = cross_modal_class_precision(video, audio, labels)
+        assert got["v2a"] == pytest.approx(_brute_class_precision(video.numpy(), audio.numpy(), labels.tolist()))
+        assert got["a2v"] == pytest.approx(_brute_class_precision(audio.numpy(), video.numpy(), labels.tolist()))
+        counts = torch.bincount(labels)[labels].double()
+        assert got["chance"] == pytest.approx(float(((counts - 1) / (n - 1)).mean())) and got["num_queries"] == n
+
+
+def test_class_precision_planted_classes_collapse_and_bad_input():
+    labels = torch.arange(4).repeat_interleave(5)
+    centres = unit_rows(4, 16, torch.float64)
+    video = centres[labels] + 0.05 * unit_rows(20, 16, torch.float64)
+    audio = centres[labels] + 0.05 * unit_rows(20, 16, torch.float64)
+    assert cross_modal_class_precision(video, audio, labels)["v2a"] == 1.0
+    assert cross_modal_class_precision(video, audio[torch.roll(torch.arange(20), 5)], labels)["a2v"] == 0.0
+    same = torch.ones(20, 8)  # a collapsed network: every tie counts against the query
+    assert cross_modal_class_precision(same, same, labels)["v2a"] == 0.0
+    with pytest.raises(ValueError, match="at least 2"):
+        cross_modal_class_precision(same[:1], same[:1], labels[:1])
+    with pytest.raises(ValueError, match="labels must be"):
+        cross_modal_class_precision(same, same, labels[:3])
 
 
 # ---- k-NN ----

@@ -7,7 +7,7 @@ import tarfile
 import pytest
 import torch
 
-from avidfast.data.cpu_pipeline import ClipDataset, CPULoader, TooManyBadSamples
+from avidfast.data.cpu_pipeline import BadTestVideo, ClipDataset, CPULoader, TooManyBadSamples
 from avidfast.data.manifest import read_manifest
 from avidfast.data.prepare import prepare
 from avidfast.data.shards.dataset import ShardClipDataset
@@ -141,8 +141,8 @@ def test_corrupt_and_truncated_members_are_named_counted_and_bounded(prepared, t
     last = index.samples[-1]
     with open(index.shard_path(last.shard), "r+b") as f:
         f.truncate(last.members["json"][0] + 1)  # the last sample's JSON is cut short
-    dataset = ShardClipDataset(shards, video=SMALL, mode="eval")
-    loader = CPULoader(dataset, batch_size=8, workers=0, max_bad_fraction=1.0)
+    dataset = ShardClipDataset(shards, video=SMALL, mode="train")
+    loader = CPULoader(dataset, batch_size=len(index), workers=0, max_bad_fraction=1.0)
     (batch,) = list(loader)
     named = {path: reason for path, reason in loader.bad_files}
     corrupt = f"{index.shard_path(victim.shard)}:{victim.key}"  # the sample is named, its member in the reason
@@ -151,10 +151,17 @@ def test_corrupt_and_truncated_members_are_named_counted_and_bounded(prepared, t
     assert truncated in named and f"{last.key}.json: shard truncated" in named[truncated]
     assert loader.bad_samples == len(loader.bad_files) == 2
     assert victim.slot not in batch["index"].tolist() and last.slot not in batch["index"].tolist()
-    strict = CPULoader(ShardClipDataset(shards, video=SMALL, mode="eval"), batch_size=2, workers=0,
+    strict = CPULoader(ShardClipDataset(shards, video=SMALL, mode="train"), batch_size=2, workers=0,
                        max_bad_fraction=0.1)
     with pytest.raises(TooManyBadSamples, match="max_bad_fraction"):
         list(strict)
+    # evaluation never replaces a sample: the bad member is an error naming it, or excluded and listed
+    with pytest.raises(BadTestVideo, match=f"{victim.key}"):
+        list(CPULoader(ShardClipDataset(shards, video=SMALL, mode="eval"), batch_size=2, workers=0))
+    excluding = CPULoader(ShardClipDataset(shards, video=SMALL, mode="eval"), batch_size=2, workers=0,
+                          on_bad="exclude")
+    list(excluding)
+    assert {path for path, _ in excluding.bad_files} == {corrupt, truncated}
 
 
 def test_a_missing_shard_is_an_error_naming_it(prepared, tmp_path):

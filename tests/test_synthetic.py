@@ -162,3 +162,24 @@ def test_cli(tmp_path, capsys):
     assert main(["synthetic", out + "2", "--size", "31x32", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("avidfast: error: ") and err.count("\n") == 1 and "even" in err
+
+
+def test_picture_and_sound_share_two_values_of_each_clip():
+    """The shape's hue sets the whistle's pitch, its size the tone's loudness (rendered in memory,
+    no codec in the way)."""
+    from avidfast.data.synthetic import render_clip, whistle_hz
+
+    rate = 24000
+    areas, louds = [], []
+    for k in range(12):
+        frames, audio = render_clip(0, np.random.default_rng([3, k]), 1.0, (64, 64), 16, rate)
+        hue = _dominant_hue(frames)
+        spectrum = np.abs(np.fft.rfft(audio * np.hanning(len(audio))))
+        freqs = np.fft.rfftfreq(len(audio), 1 / rate)
+        band = (freqs > 1400) & (freqs < 9000)
+        assert freqs[band][np.argmax(spectrum[band])] == pytest.approx(whistle_hz(hue), rel=0.03)
+        rgb = frames.reshape(-1, 3).astype(np.int32)
+        shape = (rgb.max(1) >= 150) & (rgb.max(1) - rgb.min(1) >= 80)
+        areas.append(shape.mean())
+        louds.append(np.abs(audio).max())
+    assert np.corrcoef(areas, louds)[0, 1] > 0.8

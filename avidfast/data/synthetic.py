@@ -11,10 +11,15 @@ Class ``c`` fixes
   * the sound: a pitch (24 semitone steps over two octaves), a rhythm (steady tone or 2, 3 or
     4 beeps per second) and a timbre (3 harmonic mixes); the pitch alone is distinct for the
     first 24 classes.
-Every clip adds its own nuisance: shape position, size, motion amplitude and phase, a tempo that
-scales both the motion and the rhythm (so the two streams also agree in time), background colour
-and per-frame block noise, a grey distractor blob, loudness, pitch jitter (+-0.3 semitone) and
-background hiss. The task is learnable from either stream but not from a single pixel or bin.
+Every clip also draws two values of its own that picture and sound share (so that a clip's
+sound can be told from the sounds of other clips of its class, as in instance discrimination):
+  * the shape's hue <-> the pitch of a soft whistle, 1.5 to 8.5 kHz (``whistle_hz``);
+  * the shape's size <-> the loudness of the tone (a bigger shape sounds louder).
+A tempo shared by the motion and the rhythm (beeps phase-locked to the motion) is a third, but
+the training augmentations (audio offset and duration jitter) blur it. The rest is nuisance of
+one stream only: shape position, motion amplitude and phase, background colour, per-frame block
+noise, a grey distractor blob, pitch jitter (+-0.3 semitone) and background hiss. The class is
+learnable from either stream but not from a single pixel or bin.
 
 Same arguments -> same decoded content (x264 runs single-threaded, which keeps it deterministic).
 """
@@ -32,12 +37,15 @@ from avidfast.files import atomic_write_text
 
 MANIFEST_NAME = "manifest.csv"
 PARAMS_NAME = "synthetic.json"
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 COLOUR_CUE = 0.25  # share of clips painted in their class's hue
 _SHAPES = ("disc", "square", "diamond", "ring", "cross", "triangle")
 _MOTIONS = ("horizontal", "vertical", "circle", "diagonal", "pulse")
 _RHYTHMS = (0.0, 2.0, 3.0, 4.0)  # beeps per second at tempo 1 (0: a steady tone)
 _TIMBRES = ((1.0,), (1.0, 0.5, 0.33), (1.0, 0.0, 0.45, 0.0, 0.25))  # harmonic amplitudes
+
+
+WHISTLE_HZ = (1500.0, 8500.0)  # whistle pitch at hue 0 and at hue 1 (log scale between them)
 
 
 class DatasetError(AvidfastError, ValueError):
@@ -54,6 +62,12 @@ def class_style(label: int) -> Dict[str, object]:
         "rhythm": _RHYTHMS[label % 4],
         "timbre": (label // 4) % 3,
     }
+
+
+def whistle_hz(hue: float) -> float:
+    """Pitch in Hz of the whistle of a clip whose shape has ``hue`` in [0, 1)."""
+    low, high = WHISTLE_HZ
+    return float(low * (high / low) ** hue)
 
 
 def _params(num_videos, num_classes, seconds, seed, size, fps, sample_rate, colour_cue,
@@ -209,8 +223,9 @@ def render_clip(label: int, rng: np.random.Generator, seconds: float, size: Tupl
 
     # --- picture ---
     side = min(width, height)
-    radius = rng.uniform(0.12, 0.18) * side
-    amp = rng.uniform(0.15, 0.25) * side
+    size = rng.random()  # shared: the shape's radius and the tone's loudness
+    radius = (0.15 + 0.10 * size) * side
+    amp = rng.uniform(0.08, 0.15) * side
     phase = rng.uniform(0, 2 * np.pi)
     omega = 2 * np.pi * 0.5 * tempo  # one motion cycle every 2 s at tempo 1
     margin = radius + amp
@@ -268,6 +283,8 @@ def render_clip(label: int, rng: np.random.Generator, seconds: float, size: Tupl
         if a and k * f0 < sample_rate / 2:
             tone += a * np.sin(2 * np.pi * k * f0 * ts + rng.uniform(0, 2 * np.pi))
     tone /= np.abs(tone).max() + 1e-9
+    if whistle_hz(hue) < sample_rate / 2:
+        tone += 0.3 * np.sin(2 * np.pi * whistle_hz(hue) * ts + rng.uniform(0, 2 * np.pi))
     if style["rhythm"]:
         rate = style["rhythm"] * tempo
         # beeps: smooth on/off gating, on for 45 % of each beat, phase-locked to the motion
@@ -275,7 +292,8 @@ def render_clip(label: int, rng: np.random.Generator, seconds: float, size: Tupl
         envelope = np.clip(np.minimum(beat, 0.45 - beat) * 40, 0, 1)
     else:
         envelope = np.ones(n)
-    audio = rng.uniform(0.25, 0.5) * tone * envelope + rng.uniform(0.01, 0.04) * rng.standard_normal(n)
+    loudness = 0.15 + 0.35 * size
+    audio = loudness * tone * envelope + rng.uniform(0.01, 0.04) * rng.standard_normal(n)
     return video, np.clip(audio, -1, 1).astype(np.float32)
 
 

@@ -15,7 +15,8 @@ and the pieces they are built from:
 - features.py: frozen-encoder feature extraction per block (max-pooled to (N, C)), video-level
   aggregation of clip scores and the one video-level accuracy (``video_level_accuracy``)
 - linear_probe.py: linear classifiers per block on cached features (clip / video top-1)
-- memory_probe.py: the memory probe on bank tensors; retrieval.py: recall@k and k-NN on embeddings
+- memory_probe.py: the memory probe on bank tensors; retrieval.py: recall@k, class-level
+  precision@1 and k-NN on embeddings; confidence.py: Wilson intervals of the fractions
 - config.py / data.py / run.py: protocol configs, labelled loaders and the one stratified split, run
   folders (checkpoints are loaded by avidfast.checkpoints.pretrained: avidfast or reference,
   --random-init)

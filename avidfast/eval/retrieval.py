@@ -16,6 +16,11 @@ Definitions (every similarity is cosine: rows are L2-normalised first):
   ``#{j != i : s_ij >= s_ii}`` (0-based) whatever the row order, and a collapsed network (all
   embeddings equal) scores 0 rather than chance. The chance level of a random ranking is
   ``min(k, N) / N``. The median rank is 1-based.
+* **Class-level precision@1** (``v2a``): the share of videos whose nearest audio embedding,
+  among every *other* video's, comes from a video of the same class; ``a2v`` the other way round.
+  Ties count against the query (a tie between a same-class and an other-class candidate is a
+  miss). Its chance level is the mean over queries of ``(n_c - 1) / (N - 1)``, ``n_c`` the
+  number of videos of the query's class.
 * **k-NN** (the weighted k-NN of instance-discrimination papers, Wu et al. 2018): each test
   video's k most similar training videos (ties: the training video of lower manifest row first)
   vote for their class with weight ``exp(s / temperature)``; the class with the largest total wins
@@ -179,6 +184,39 @@ def cross_modal_recall(video: torch.Tensor, audio: torch.Tensor, ks: Sequence[in
         medians[direction] = float((ranks + 1).double().quantile(0.5))
     result["median_rank"] = medians
     result["chance"] = {f"R@{k}": min(k, n) / n for k in ks}
+    return result
+
+
+def cross_modal_class_precision(video: torch.Tensor, audio: torch.Tensor, labels: torch.Tensor) -> Dict[str, object]:
+    """Video-to-audio and audio-to-video class-level precision@1 (module docstring).
+
+    Args:
+        video, audio: (N, D) embeddings of N videos (any scale: rows are normalised), row r of
+            both from video r; N >= 2.
+        labels: (N,) int64 class of every video.
+
+    Returns:
+        ``{"num_queries": N, "v2a": fraction, "a2v": fraction, "chance": fraction}``.
+    """
+    video, audio = _unit_rows(video, "video"), _unit_rows(audio, "audio")
+    if video.shape != audio.shape:
+        raise ValueError(f"video {tuple(video.shape)} and audio {tuple(audio.shape)} embeddings must have the "
+                         "same shape")
+    n = video.shape[0]
+    if n < 2:
+        raise ValueError(f"class-level precision needs at least 2 videos, got {n}")
+    labels = torch.as_tensor(labels).to(video.device, torch.int64)
+    if tuple(labels.shape) != (n,):
+        raise ValueError(f"labels must be ({n},), got {tuple(labels.shape)}")
+    same = labels[:, None] == labels[None, :]
+    others = ~torch.eye(n, dtype=torch.bool, device=video.device)
+    result: Dict[str, object] = {"num_queries": n}
+    for direction, (queries, candidates) in (("v2a", (video, audio)), ("a2v", (audio, video))):
+        sims = queries @ candidates.T
+        best_same = sims.masked_fill(~(same & others), float("-inf")).max(dim=1).values
+        best_other = sims.masked_fill(same, float("-inf")).max(dim=1).values
+        result[direction] = float((best_same > best_other).double().mean())
+    result["chance"] = float(((same.sum(dim=1) - 1).double() / (n - 1)).mean())
     return result
 
 
