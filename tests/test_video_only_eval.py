@@ -262,3 +262,55 @@ def test_folds_run_each_split_and_report_every_fold_and_mean_std(half_silent, ch
                 "--set", f"data.train_manifest={tmp_path}/train1.csv", "--set", f"out_dir={tmp_path / 'x'}"]
     assert main(no_field) == 2
     assert "do not contain {fold}" in capsys.readouterr().err
+
+
+def test_retrieval_video_only_scores_the_video_knn_on_a_half_silent_set(half_silent, checkpoint, tmp_path, capsys):
+    """`eval retrieval --video-only`: no sound read (silent files fine), every held-out video scored by the
+    video k-NN, equal to a brute-force weighted vote over the training videos' embeddings."""
+    rows = read_manifest(half_silent)
+    manifests = {}
+    for split in ("train", "test"):  # the 6 silent clips are spread over both sets
+        manifests[split] = tmp_path / f"{split}.csv"
+        with open(manifests[split], "w") as f:
+            f.write("path,label\n")
+            for i in range(len(rows)):
+                if (i % 3 == 0) == (split == "test"):
+                    f.write(f"{rows.path(i)},{rows.rows[i]['label']}\n")
+    silent = set(silent_rows(NUM_VIDEOS, 0.5, 0))
+    assert silent & set(range(0, NUM_VIDEOS, 3)) and silent - set(range(0, NUM_VIDEOS, 3))
+    common = ["eval", "retrieval", "--checkpoint", checkpoint, "--manifest", str(manifests["test"]),
+              "--workers", "0", "--no-progress", "--knn-k", "3", "--batch", "4"]
+    assert main(common + ["--train-manifest", str(manifests["train"]), "--out", str(tmp_path / "with_sound")]) == 2
+    err = capsys.readouterr().err  # the cross-modal protocol needs sound: a silent test video is named
+    assert "test video" in err and "cannot be read" in err
+    assert main(common + ["--video-only", "--out", str(tmp_path / "no_train")]) == 2
+    assert "--train-manifest" in capsys.readouterr().err
+    out = tmp_path / "video_only"
+    assert main(common + ["--video-only", "--train-manifest", str(manifests["train"]), "--out", str(out)]) == 0
+    assert "video only: 4 held-out videos" in capsys.readouterr().out
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["recall"] is None and list(saved["knn"]) == ["video"] and saved["num_test_videos"] == 4
+    assert saved["num_train_videos"] == 8 and saved["settings"]["video_only"] is True
+    # the same figure from embeddings computed here and an independent weighted vote
+    from avidfast.checkpoints.pretrained import load_pretrained
+
+    model = load_pretrained(checkpoint).model.eval()
+    trained = load_pretrained(checkpoint).train_config
+    shape = VideoConfig(frames=trained.data.video.frames, fps=trained.data.video.fps, crop=trained.data.video.crop)
+
+    def embed(split):
+        manifest = read_manifest(str(manifests[split]))
+        dataset = ClipDataset(manifest, video=shape, mode="eval", clips_per_video=1, audio=False,
+                              classes=sorted({str(r["label"]) for r in rows.rows}), pad_short=True)
+        items = [dataset[(0, i, i)] for i in range(len(manifest))]
+        with torch.no_grad():
+            emb = model.embed_video(torch.stack([it["video"] for it in items]))
+        return torch.nn.functional.normalize(emb.double(), dim=1), torch.stack([it["label"] for it in items])
+
+    (train_emb, train_lab), (test_emb, test_lab) = embed("train"), embed("test")
+    sims = test_emb @ train_emb.T
+    top = sims.topk(3, dim=1)
+    votes = torch.zeros(len(test_lab), NUM_CLASSES, dtype=torch.float64)
+    votes.scatter_add_(1, train_lab[top.indices], (top.values / 0.07).exp())
+    expected = float((votes.argmax(1) == test_lab).double().mean())
+    assert saved["knn"]["video"] == pytest.approx(expected)

@@ -41,18 +41,20 @@ DIRECTIONS = {"v2a": "video -> audio", "a2v": "audio -> video"}
 
 @dataclass
 class ClipEmbeddings:
-    """Embeddings of N clips: ``video`` (N, D) and ``audio`` (N, D) float, row r from clip r;
-    ``index`` (N,) int64 the clip's video (manifest row); ``label`` (N,) int64 class or ``None``."""
+    """Embeddings of N clips: ``video`` (N, D) and ``audio`` (N, D) float (``None`` when only the
+    video was embedded), row r from clip r; ``index`` (N,) int64 the clip's video (manifest row);
+    ``label`` (N,) int64 class or ``None``."""
 
     video: torch.Tensor
-    audio: torch.Tensor
+    audio: Optional[torch.Tensor]
     index: torch.Tensor
     label: Optional[torch.Tensor] = None
 
     def __post_init__(self):
-        if self.video.dim() != 2 or self.audio.dim() != 2 or self.video.shape != self.audio.shape:
+        if self.video.dim() != 2 or (self.audio is not None and (self.audio.dim() != 2
+                                                                 or self.video.shape != self.audio.shape)):
             raise ValueError(f"video and audio embeddings must both be (N, D), got {tuple(self.video.shape)} "
-                             f"and {tuple(self.audio.shape)}")
+                             f"and {None if self.audio is None else tuple(self.audio.shape)}")
         n = self.video.shape[0]
         if tuple(self.index.shape) != (n,):
             raise ValueError(f"index must be ({n},), got {tuple(self.index.shape)}")
@@ -67,21 +69,24 @@ class ClipEmbeddings:
         """One row per distinct ``index``, in increasing index order: each modality's clip
         embeddings averaged (in float64) and re-normalised; the video's label (its clips must agree)."""
         videos, video = video_level(self.video, self.index)
-        _, audio = video_level(self.audio, self.index)
+        audio = None if self.audio is None else F.normalize(video_level(self.audio, self.index)[1], dim=1)
         label = None if self.label is None else video_labels(self.label, self.index)[1]
-        return ClipEmbeddings(F.normalize(video, dim=1), F.normalize(audio, dim=1), videos, label)
+        return ClipEmbeddings(F.normalize(video, dim=1), audio, videos, label)
 
 
 def embed_clips(model: torch.nn.Module, loader: Iterable[Mapping[str, torch.Tensor]],
-                device: Union[str, torch.device] = "cpu", progress: bool = True) -> ClipEmbeddings:
+                device: Union[str, torch.device] = "cpu", progress: bool = True,
+                audio: bool = True) -> ClipEmbeddings:
     """Embeds every clip of ``loader`` with ``model`` (an AVModel, already on ``device``).
 
-    Each batch needs ``video`` (B, 3, T, H, W), ``audio`` (B, 1, F, T) and ``index`` (B,); a
+    Each batch needs ``video`` (B, 3, T, H, W), ``audio`` (B, 1, F, T) (not with ``audio=False``:
+    the video alone is embedded and the result's ``audio`` is None) and ``index`` (B,); a
     ``label`` (B,) is kept when every batch has one. The model runs in eval mode under
     ``torch.no_grad`` and its train/eval mode is restored afterwards. Returns float32 CPU
     embeddings (N, D) in the loader's order (unit norm, as ``embed_video`` / ``embed_audio`` give).
     """
     device = torch.device(device)
+    with_audio = audio
     video, audio, index, label = [], [], [], []
     iterator = loader
     bar = None
@@ -95,11 +100,12 @@ def embed_clips(model: torch.nn.Module, loader: Iterable[Mapping[str, torch.Tens
     try:
         with torch.no_grad():
             for batch in iterator:
-                missing = [k for k in ("video", "audio", "index") if k not in batch]
+                missing = [k for k in ("video", "audio", "index") if k not in batch and (with_audio or k != "audio")]
                 if missing:
                     raise KeyError(f"batch has keys {sorted(batch)}; embed_clips needs {missing} too")
                 video.append(model.embed_video(batch["video"].to(device, non_blocking=True)).float().cpu())
-                audio.append(model.embed_audio(batch["audio"].to(device, non_blocking=True)).float().cpu())
+                if with_audio:
+                    audio.append(model.embed_audio(batch["audio"].to(device, non_blocking=True)).float().cpu())
                 index.append(batch["index"].reshape(-1).to(torch.int64).cpu())
                 if batch.get("label") is not None:
                     label.append(batch["label"].reshape(-1).to(torch.int64).cpu())
@@ -111,7 +117,8 @@ def embed_clips(model: torch.nn.Module, loader: Iterable[Mapping[str, torch.Tens
         raise ValueError("the loader yielded no batches")
     if label and len(label) != len(index):
         raise ValueError("some batches have labels and others do not")
-    return ClipEmbeddings(torch.cat(video), torch.cat(audio), torch.cat(index), torch.cat(label) if label else None)
+    return ClipEmbeddings(torch.cat(video), torch.cat(audio) if with_audio else None, torch.cat(index),
+                          torch.cat(label) if label else None)
 
 
 def _unit_rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -265,10 +272,11 @@ def knn_classify(train_emb: torch.Tensor, train_labels: torch.Tensor, test_emb: 
 
 @dataclass
 class RetrievalResult:
-    """Cross-modal recall (:func:`cross_modal_recall`'s dict) on the held-out videos and, when
-    labelled training videos were given, k-NN top-1 (fraction) per kind of embedding."""
+    """Cross-modal recall (:func:`cross_modal_recall`'s dict; None for video-only embeddings) on
+    the held-out videos and, when labelled training videos were given, k-NN top-1 (fraction) per
+    kind of embedding."""
 
-    recall: Dict[str, object]
+    recall: Optional[Dict[str, object]]
     num_test_clips: int
     knn: Optional[Dict[str, float]] = None
     num_classes: Optional[int] = None
@@ -278,7 +286,7 @@ class RetrievalResult:
 
     def to_dict(self) -> Dict[str, object]:
         """Plain Python values (for results.json)."""
-        return {"recall": self.recall, "num_test_videos": self.recall["num_queries"],
+        return {"recall": self.recall, "num_test_videos": self.settings.get("num_test_videos"),
                 "num_test_clips": self.num_test_clips, "knn": self.knn, "num_classes": self.num_classes,
                 "knn_chance": None if self.num_classes is None else 1.0 / self.num_classes,
                 "num_train_videos": self.num_train_videos, "seconds": self.seconds, "settings": self.settings}
@@ -286,18 +294,23 @@ class RetrievalResult:
     def format(self) -> str:
         """Recall@k per direction (and chance) in percent, median rank, then k-NN top-1."""
         r = self.recall
-        heads = [f"R@{k}" for k in r["ks"]]
-        lines = [f"cross-modal retrieval: {r['num_queries']} held-out videos ({self.num_test_clips} clips), "
-                 "cosine similarity, ties ranked against the query; %"]
-        lines.append(f"{'':<16}" + "".join(f"{h:>9}" for h in heads) + f"{'median rank':>13}")
-        for direction, title in DIRECTIONS.items():
-            cells = "".join(f"{100 * r[direction][h]:>9.2f}" for h in heads)
-            lines.append(f"{title:<16}{cells}{r['median_rank'][direction]:>13.1f}")
-        lines.append(f"{'chance':<16}" + "".join(f"{100 * r['chance'][h]:>9.2f}" for h in heads))
+        num_test = self.settings.get("num_test_videos")
+        lines = []
+        if r is None:
+            lines.append(f"video only: {num_test} held-out videos ({self.num_test_clips} clips), no sound read")
+        else:
+            heads = [f"R@{k}" for k in r["ks"]]
+            lines.append(f"cross-modal retrieval: {r['num_queries']} held-out videos ({self.num_test_clips} clips), "
+                         "cosine similarity, ties ranked against the query; %")
+            lines.append(f"{'':<16}" + "".join(f"{h:>9}" for h in heads) + f"{'median rank':>13}")
+            for direction, title in DIRECTIONS.items():
+                cells = "".join(f"{100 * r[direction][h]:>9.2f}" for h in heads)
+                lines.append(f"{title:<16}{cells}{r['median_rank'][direction]:>13.1f}")
+            lines.append(f"{'chance':<16}" + "".join(f"{100 * r['chance'][h]:>9.2f}" for h in heads))
         if self.knn is not None:
             s = self.settings
             lines.append(f"k-NN (k={s.get('knn_k')}, weights exp(s/{s.get('temperature')})): "
-                         f"{self.num_train_videos} training / {r['num_queries']} test videos, {self.num_classes} "
+                         f"{self.num_train_videos} training / {num_test} test videos, {self.num_classes} "
                          f"classes (chance {100 / self.num_classes:.2f}%), top-1 %")
             lines.append("".join(f"{kind:>10}" for kind in self.knn))
             lines.append("".join(f"{100 * v:>10.2f}" for v in self.knn.values()))
@@ -310,20 +323,27 @@ def evaluate_retrieval(test: ClipEmbeddings, train: Optional[ClipEmbeddings] = N
     """Recall@k on the videos of ``test`` and, when ``train`` is given (both labelled, class
     indices from the same list), weighted k-NN top-1 of ``test``'s videos from ``train``'s, for
     video, audio and combined embeddings. Everything is scored per video (clips averaged) on
-    ``device``."""
+    ``device``. Video-only embeddings (``audio`` None): no recall, the video k-NN only (``train``
+    required)."""
     started = time.perf_counter()
     device = torch.device(device)
     videos = test.per_video()
-    recall = cross_modal_recall(videos.video.to(device), videos.audio.to(device), ks)
+    video_only = videos.audio is None
+    if video_only and train is None:
+        raise ValueError("video-only embeddings have no cross-modal recall: give labelled training clips for "
+                         "the video k-NN")
+    recall = None if video_only else cross_modal_recall(videos.video.to(device), videos.audio.to(device), ks)
     knn = num_train = None
     if train is not None:
         if train.label is None or test.label is None:
             raise ValueError("k-NN needs labels on both the training and the test clips")
         reference = train.per_video()
         num_classes = num_classes or 1 + int(max(int(reference.label.max()), int(videos.label.max())))
-        kinds = {"video": (reference.video, videos.video), "audio": (reference.audio, videos.audio),
-                 "combined": (torch.cat([reference.video, reference.audio], 1),
-                              torch.cat([videos.video, videos.audio], 1))}
+        kinds = {"video": (reference.video, videos.video)}
+        if not video_only:
+            kinds.update({"audio": (reference.audio, videos.audio),
+                          "combined": (torch.cat([reference.video, reference.audio], 1),
+                                       torch.cat([videos.video, videos.audio], 1))})
         knn = {kind: knn_classify(a.to(device), reference.label, b.to(device), videos.label, knn_k, temperature,
                                   num_classes)
                for kind, (a, b) in kinds.items()}
@@ -331,4 +351,6 @@ def evaluate_retrieval(test: ClipEmbeddings, train: Optional[ClipEmbeddings] = N
     return RetrievalResult(recall=recall, num_test_clips=len(test), knn=knn,
                            num_classes=num_classes if knn is not None else None, num_train_videos=num_train,
                            seconds=time.perf_counter() - started,
-                           settings={"ks": list(recall["ks"]), "knn_k": knn_k, "temperature": temperature})
+                           settings={"ks": list(ks) if recall is None else list(recall["ks"]), "knn_k": knn_k,
+                                     "temperature": temperature, "num_test_videos": len(videos),
+                                     "video_only": video_only})

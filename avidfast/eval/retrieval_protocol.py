@@ -48,6 +48,7 @@ class RetrievalSettings:
     name: Optional[str] = None  # run name (None: retrieval)
     out: Optional[str] = None  # run folder (None: runs/eval/NAME, runs/eval/NAME-random for random_init)
     overwrite: bool = False  # replace the evaluation a run folder already holds (else refused)
+    video_only: bool = False  # no sound read or needed: the video k-NN only (train_manifest required)
 
 
 def _data_section(s: RetrievalSettings, pretrained):
@@ -60,8 +61,9 @@ def _data_section(s: RetrievalSettings, pretrained):
                            workers=s.workers, clips_per_video=s.clips_per_video)
     trained = pretrained.train_config
     if trained is None:
-        missing = [name for name, value in (("--frames", s.frames), ("--crop", s.crop),
-                                            ("--audio-preset", s.audio_preset)) if value is None]
+        needed = (("--frames", s.frames), ("--crop", s.crop)) + ((("--audio-preset", s.audio_preset),)
+                                                                  if not s.video_only else ())
+        missing = [name for name, value in needed if value is None]
         if missing:
             raise EvalError(f"--checkpoint {s.checkpoint}: a reference checkpoint holds no training config to "
                             f"take the clip shape from; pass {', '.join(missing)} (Table 5 networks: --frames 16 "
@@ -74,6 +76,8 @@ def _data_section(s: RetrievalSettings, pretrained):
     stats, stats_from = audio.stats, "the checkpoint's training config (data.audio.stats)"
     if s.audio_stats is not None:
         stats, stats_from = (None if s.audio_stats.lower() == "none" else s.audio_stats), "--audio-stats"
+    if s.video_only:  # no sound is read
+        stats = None
     if stats is not None and not os.path.isfile(stats):
         raise EvalError(f"{stats_from}: spectrogram statistics {stats}: no such file; pass --audio-stats PATH "
                         "(or --audio-stats none to skip the normalisation)")
@@ -109,15 +113,19 @@ def _classes(train: Optional[Manifest], test: Manifest, s: RetrievalSettings) ->
     return train.classes
 
 
-def _embed(model, loader, run, progress: bool) -> ClipEmbeddings:
-    """Every process's clip embeddings of ``loader`` (its share), concatenated in rank order on every process."""
+def _embed(model, loader, run, progress: bool, audio: bool) -> ClipEmbeddings:
+    """Every process's clip embeddings of ``loader`` (its share), concatenated in rank order on every
+    process (video only, ``audio`` None, unless ``audio``)."""
     from avidfast.distributed import all_gather_rows
     from avidfast.eval.retrieval import embed_clips
 
-    mine = embed_clips(model, loader, run.device, progress)
-    tensors = [mine.video, mine.audio, mine.index] + ([] if mine.label is None else [mine.label])
-    video, audio, index, *label = all_gather_rows(tensors)
-    return ClipEmbeddings(video, audio, index, label[0] if label else None)
+    mine = embed_clips(model, loader, run.device, progress, audio=audio)
+    tensors = [mine.video, mine.index] + ([mine.audio] if audio else []) + ([] if mine.label is None else [mine.label])
+    gathered = all_gather_rows(tensors)
+    video, index = gathered[0], gathered[1]
+    rest = gathered[2:]
+    sound = rest.pop(0) if audio else None
+    return ClipEmbeddings(video, sound, index, rest[0] if rest else None)
 
 
 def run_retrieval(settings: RetrievalSettings) -> Optional[RetrievalResult]:
@@ -144,15 +152,20 @@ def run_retrieval(settings: RetrievalSettings) -> Optional[RetrievalResult]:
     if train is not None:
         check_files_exist(train, f"--train-manifest {s.train_manifest}", "--root")
     classes = _classes(train, test, s)
-    _check_audio(test, "--manifest", s.manifest)
-    if train is not None:
-        _check_audio(train, "--train-manifest", s.train_manifest)
+    if s.video_only and train is None:
+        raise EvalError("--video-only scores the video k-NN alone, which needs labelled training videos: give "
+                        "--train-manifest LABELLED")
+    if not s.video_only:
+        _check_audio(test, "--manifest", s.manifest)
+        if train is not None:
+            _check_audio(train, "--train-manifest", s.train_manifest)
     resolve_device(s.device, "--device")
     pretrained = load_pretrained(s.checkpoint, random_init=s.random_init, seed=s.seed, trust=s.trust)
     cfg = EvalConfig(name=s.name or "retrieval", seed=s.seed, out_dir=s.out, data=_data_section(s, pretrained),
                      optim=EvalOptimSection(batch_size=s.batch))
     run_settings = {"protocol": "retrieval", "checkpoint": s.checkpoint, "random_init": s.random_init,
                     "ks": list(s.ks), "knn_k": s.knn_k, "temperature": s.knn_temperature, "batch": s.batch,
+                    "video_only": s.video_only,
                     "seed": s.seed, "data": dataclasses.asdict(cfg.data)}
     run = start_run(run_dir, run_settings, s.device, "fp32", {"checkpoint": pretrained.info, "protocol": "retrieval"},
                     s.seed, device_option="--device", overwrite=s.overwrite, elsewhere="--name or --out")
@@ -175,15 +188,15 @@ def _retrieve(s: RetrievalSettings, cfg, pretrained, test: Manifest, train: Opti
     for key, manifest, option, path in (("test", test, "--manifest", s.manifest),
                                         ("train", train, "--train-manifest", s.train_manifest)):
         if manifest is not None:
-            loader = test_loader(cfg, manifest, classes, run.rank, run.world, audio=True)
+            loader = test_loader(cfg, manifest, classes, run.rank, run.world, audio=not s.video_only)
             if len(loader) == 0:
                 raise EvalError(f"{option} {path}: {len(manifest) * s.clips_per_video} clips leave process "
                                 f"{run.rank} of {run.world} none; run fewer processes")
-            embedded[key] = _embed(model, loader, run, progress)
+            embedded[key] = _embed(model, loader, run, progress, audio=not s.video_only)
     if run.rank != 0:
         return None
     for key, clips in embedded.items():
-        if not (clips.video.isfinite().all() and clips.audio.isfinite().all()):
+        if not (clips.video.isfinite().all() and (clips.audio is None or clips.audio.isfinite().all())):
             raise EvalError(f"--checkpoint {s.checkpoint}: its embeddings of the {key} clips hold NaN or infinite "
                             "values")
     result = evaluate_retrieval(embedded["test"], embedded.get("train"), s.ks, s.knn_k, s.knn_temperature,

@@ -27,7 +27,7 @@ def _retrieval(args: argparse.Namespace) -> None:
         random_init=args.random_init, trust=args.trust, clips_per_video=args.clips_per_video, batch=args.batch,
         workers=args.workers, ks=args.k, knn_k=args.knn_k, knn_temperature=args.knn_temperature, frames=args.frames,
         fps=args.fps, crop=args.crop, audio_preset=args.audio_preset, audio_stats=args.audio_stats, seed=args.seed,
-        device=args.device, progress=not args.no_progress, name=args.name, out=args.out,
+        device=args.device, progress=not args.no_progress, name=args.name, out=args.out, video_only=args.video_only,
         overwrite=args.overwrite))
 
 
@@ -41,7 +41,8 @@ def register(protocols) -> None:
                     "counted against the query) and median rank, with chance k/N. With --train-manifest (both "
                     "manifests labelled) also weighted k-NN top-1 of the held-out videos from the training ones "
                     "(weights exp(s/T)), for video, audio and concatenated embeddings. Clip shape and audio "
-                    "preset come from the checkpoint's training config unless overridden.",
+                    "preset come from the checkpoint's training config unless overridden. --video-only reads no "
+                    "sound at all (files without an audio stream are fine) and reports the video k-NN only.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_checkpoint_options(parser)
@@ -49,6 +50,9 @@ def register(protocols) -> None:
                         help="held-out videos (queries and candidates)")
     parser.add_argument("--train-manifest", metavar="LABELLED",
                         help="labelled videos the k-NN classifier searches (None: retrieval only)")
+    parser.add_argument("--video-only", action="store_true",
+                        help="read no sound (sets with silent videos): only the video k-NN, which needs "
+                             "--train-manifest")
     parser.add_argument("--root", help="folder the manifests' relative paths start from (None: each manifest's)")
     parser.add_argument("--clips-per-video", type=positive_int, default=1, help="evenly spaced clips per video")
     parser.add_argument("--batch", type=positive_int, default=32, help="clips per batch and process")
