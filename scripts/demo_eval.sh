@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every evaluation protocol on the `make demo` checkpoint and, as the baseline, on the same network
 # freshly initialised (--random-init): linear probe, memory probe, fine-tuning, retrieval + k-NN.
-# Usage: scripts/demo_eval.sh [DEMO_DIR (runs/demo)] [AVIDFAST (avidfast)]. About 5 minutes on 2 cores.
+# Usage: scripts/demo_eval.sh [DEMO_DIR (runs/demo)] [AVIDFAST (avidfast)]. About 2 minutes on 2 cores.
 # Results: DEMO_DIR/eval/<protocol>-<trained|random>/results.json and a printed table per run.
 set -euo pipefail
 demo=${1:-runs/demo}

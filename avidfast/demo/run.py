@@ -26,9 +26,11 @@ from avidfast.files import atomic_write_text
 
 log = logging.getLogger("avidfast")
 
-# Half of the demo's clips show their class's hue (`avidfast synthetic`: a quarter): with a quarter,
-# the class showed too faintly in the trained video features (measured in avidfast/configs/demo.yaml).
-DEMO_COLOUR_CUE = 0.5
+# Three quarters of the demo's clips show their class's hue (`avidfast synthetic`: a quarter): with a
+# quarter or a half, the class showed too faintly for the cross-modal class-level goals (measured in
+# avidfast/configs/demo.yaml). Colour also lets a random network's probe read the class, which the
+# demo's table shows beside the trained network's.
+DEMO_COLOUR_CUE = 0.75
 
 
 @dataclass
