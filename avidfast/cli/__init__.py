@@ -44,7 +44,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.handler(args)
     except AvidfastError as error:
         _close_progress_bars()
-        print(f"avidfast: error: {error}", file=sys.stderr)
+        # one write of the whole line: processes sharing a stream (torchrun's workers) cannot split it
+        sys.stderr.write(f"avidfast: error: {error}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         _close_progress_bars()
