@@ -174,6 +174,15 @@ def _bench_train(args: argparse.Namespace) -> None:
     _run_bench(args, CASES, cfg)
 
 
+def _add_bank_options(parser: argparse.ArgumentParser) -> None:
+    """The memory-bank shape of `bench ops` and `bench migration` (OpsBenchConfig's fields)."""
+    parser.add_argument("--num-items", type=positive_int, default=500_000, help="memory slots N")
+    parser.add_argument("--batch", type=positive_int, default=128, help="batch size B")
+    parser.add_argument("--negatives", type=positive_int, default=1024, help="negatives K per row")
+    parser.add_argument("--dim", type=positive_int, default=128, help="embedding size D")
+    parser.add_argument("--bank-dtype", choices=list(STORAGE_DTYPES), default="float32", help="bank storage dtype")
+
+
 def register(commands) -> None:
     """Adds `bench` and its suites to the top-level subparsers."""
     bench = commands.add_parser("bench", help="benchmarks against the reference formulation")
@@ -185,11 +194,7 @@ def register(commands) -> None:
                     "speed-up and memory ratio.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ops.add_argument("--num-items", type=positive_int, default=500_000, help="memory slots N")
-    ops.add_argument("--batch", type=positive_int, default=128, help="batch size B")
-    ops.add_argument("--negatives", type=positive_int, default=1024, help="negatives K per row")
-    ops.add_argument("--dim", type=positive_int, default=128, help="embedding size D")
-    ops.add_argument("--bank-dtype", choices=list(STORAGE_DTYPES), default="float32", help="bank storage dtype")
+    _add_bank_options(ops)
     _add_common_bench_options(ops, 15, "timed rounds of the step case (x4 for the short cases)", 3)
     ops.set_defaults(handler=_bench_ops)
     migration = suites.add_parser(
@@ -200,11 +205,7 @@ def register(commands) -> None:
                     "extra memory; prints median ms, speed-up and memory ratio.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    migration.add_argument("--num-items", type=positive_int, default=500_000, help="memory slots N")
-    migration.add_argument("--batch", type=positive_int, default=128, help="batch size B")
-    migration.add_argument("--negatives", type=positive_int, default=1024, help="negatives K per row")
-    migration.add_argument("--dim", type=positive_int, default=128, help="embedding size D")
-    migration.add_argument("--bank-dtype", choices=list(STORAGE_DTYPES), default="float32", help="bank storage dtype")
+    _add_bank_options(migration)
     _add_common_bench_options(migration, 15, "timed rounds", 3)
     migration.set_defaults(handler=_bench_migration)
     cma = suites.add_parser(
