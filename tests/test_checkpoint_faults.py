@@ -13,23 +13,9 @@ import torch
 
 from avidfast.checkpoints import store as ckpt
 from avidfast.config import ConfigError, load_config
-from avidfast.data.synthetic import make_dataset
 from avidfast.train.loop import train
 from avidfast.train.resume import step_checkpoints
-
-TINY = ["model.width=4", "data.video.frames=4", "data.video.crop=32", "data.workers=0", "optim.batch_size=4",
-        "loss.num_negatives=4", "optim.epochs=2", "train.progress=false", "train.log_every=1",
-        "train.channels_last=false", "train.precision=fp32"]
-
-
-@pytest.fixture(scope="module")
-def tiny_set(tmp_path_factory):
-    return make_dataset(str(tmp_path_factory.mktemp("set")), num_videos=8, num_classes=2, seconds=2.0, seed=1,
-                        size=(64, 48), workers=1)
-
-
-def _cfg(manifest, out_dir, *extra):
-    return load_config("demo", TINY + [f"data.manifest={manifest}", f"out_dir={out_dir}", *extra])
+from tiny_training import tiny_config, tiny_set  # noqa: F401 - tiny_set is a fixture
 
 
 class _FullDisk:
@@ -77,7 +63,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tiny_set, tmp_pa
     folder = run / "checkpoints"
     calls = _disk_full_at_save(monkeypatch, failing_call=3)  # step 1, end of epoch 1, then step 3
     with pytest.raises(ckpt.CheckpointWriteError) as refused:
-        train(_cfg(tiny_set, run, "train.checkpoint_every=1"))
+        train(tiny_config(tiny_set, run, "train.checkpoint_every=1"))
     message = str(refused.value)
     assert calls[-1] == str(folder / "step_000000003.pt")
     assert message.startswith(f"checkpoint {folder / 'step_000000003.pt'}: could not be written (No space left on "
@@ -88,15 +74,15 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tiny_set, tmp_pa
     assert (kept["epoch"], kept["batches_done"], int(kept["criterion"]["step"])) == (1, 0, 2)
 
     monkeypatch.undo()  # space again: --resume auto continues, and ends where an uninterrupted run does
-    resumed = train(_cfg(tiny_set, run, "train.checkpoint_every=1"), resume="auto")
+    resumed = train(tiny_config(tiny_set, run, "train.checkpoint_every=1"), resume="auto")
     assert resumed.steps == 2
-    straight = train(_cfg(tiny_set, tmp_path / "straight"))
+    straight = train(tiny_config(tiny_set, tmp_path / "straight"))
     _same(ckpt.load_checkpoint(str(folder / "last.pt")), ckpt.load_checkpoint(straight.checkpoint))
 
 
 def test_step_checkpoints_are_pruned_and_last_is_the_newest(tiny_set, tmp_path):
     run = tmp_path / "run"
-    result = train(_cfg(tiny_set, run, "optim.epochs=3", "optim.batch_size=2", "train.checkpoint_every=1",
+    result = train(tiny_config(tiny_set, run, "optim.epochs=3", "optim.batch_size=2", "train.checkpoint_every=1",
                         "train.keep_step_checkpoints=2"), max_steps=7)
     folder = str(run / "checkpoints")
     # 4 steps an epoch: step files after steps 1-3 and 5-7 (4 ends epoch 1); the two newest are kept
@@ -108,9 +94,9 @@ def test_step_checkpoints_are_pruned_and_last_is_the_newest(tiny_set, tmp_path):
 
 def test_resume_auto_starts_a_new_run_and_continues_an_old_one(tiny_set, tmp_path):
     run = tmp_path / "run"
-    first = train(_cfg(tiny_set, run, "optim.epochs=1"), resume="auto")  # nothing to resume: starts
+    first = train(tiny_config(tiny_set, run, "optim.epochs=1"), resume="auto")  # nothing to resume: starts
     assert first.steps == 2
-    second = train(_cfg(tiny_set, run), resume="auto")  # continues with epoch 2
+    second = train(tiny_config(tiny_set, run), resume="auto")  # continues with epoch 2
     assert second.steps == 2 and second.epochs_done == 2
     with open(run / "metrics.csv") as f:
         assert [line.split(",")[0] for line in f.read().splitlines()] == ["step", "1", "2", "3", "4"]

@@ -15,22 +15,7 @@ from avidfast.checkpoints.build import build_criterion, build_model
 from avidfast.config import ConfigError, config_from_dict, load_config, shipped_configs
 from avidfast.data.synthetic import make_dataset
 from avidfast.train.loop import TrainingError, train
-
-TINY = [
-    "model.width=4", "data.video.frames=4", "data.video.crop=32", "data.workers=0", "optim.batch_size=4",
-    "loss.num_negatives=4", "optim.epochs=2", "train.progress=false", "train.log_every=1",
-    "train.channels_last=false", "train.precision=fp32",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_set(tmp_path_factory):
-    return make_dataset(str(tmp_path_factory.mktemp("set")), num_videos=8, num_classes=2, seconds=2.0, seed=1,
-                        size=(64, 48), workers=1)
-
-
-def _cfg(manifest, out_dir, *extra):
-    return load_config("demo", TINY + [f"data.manifest={manifest}", f"out_dir={out_dir}", *extra])
+from tiny_training import TINY, tiny_config, tiny_set  # noqa: F401 - tiny_set is a fixture
 
 
 @pytest.mark.parametrize("name", shipped_configs())
@@ -74,7 +59,7 @@ def test_a_global_batch_is_divided_over_the_processes_and_recorded(tiny_set, tmp
     with pytest.raises(ConfigError, match="optim.global_batch_size must be positive"):
         load_config("demo", ["optim.batch_size=null", "optim.global_batch_size=0"])
     run = tmp_path / "run"
-    train(_cfg(tiny_set, run, "optim.batch_size=null", "optim.global_batch_size=4", "optim.epochs=1"))
+    train(tiny_config(tiny_set, run, "optim.batch_size=null", "optim.global_batch_size=4", "optim.epochs=1"))
     meta = json.loads((run / "meta.json").read_text())
     assert (meta["batch_size_per_process"], meta["global_batch_size"], meta["world_size"]) == (4, 4, 1)
 
@@ -115,10 +100,10 @@ def _metrics(run_dir):
 
 
 def test_two_epochs_equal_one_epoch_resume_one_epoch(tiny_set, tmp_path):
-    straight = train(_cfg(tiny_set, tmp_path / "straight"))
+    straight = train(tiny_config(tiny_set, tmp_path / "straight"))
     assert straight.epochs_done == 2 and straight.steps == 4 and not straight.interrupted
-    train(_cfg(tiny_set, tmp_path / "split", "optim.epochs=1"))
-    resumed = train(_cfg(tiny_set, tmp_path / "split"), resume=True)
+    train(tiny_config(tiny_set, tmp_path / "split", "optim.epochs=1"))
+    resumed = train(tiny_config(tiny_set, tmp_path / "split"), resume=True)
     assert resumed.steps == 2
     a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "split")
     for part in ("model", "criterion"):
@@ -129,11 +114,11 @@ def test_two_epochs_equal_one_epoch_resume_one_epoch(tiny_set, tmp_path):
 
 
 def test_resume_in_the_middle_of_an_epoch_is_exact(tiny_set, tmp_path):
-    train(_cfg(tiny_set, tmp_path / "straight"))
-    stopped = train(_cfg(tiny_set, tmp_path / "split"), max_steps=3)
+    train(tiny_config(tiny_set, tmp_path / "straight"))
+    stopped = train(tiny_config(tiny_set, tmp_path / "split"), max_steps=3)
     state = _final_state(tmp_path / "split")
     assert (state["epoch"], state["batches_done"]) == (1, 1) and stopped.steps == 3
-    train(_cfg(tiny_set, tmp_path / "split"), resume=True)
+    train(tiny_config(tiny_set, tmp_path / "split"), resume=True)
     a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "split")
     for key in a["criterion"]:
         assert torch.equal(a["criterion"][key], b["criterion"][key]), key
@@ -142,16 +127,16 @@ def test_resume_in_the_middle_of_an_epoch_is_exact(tiny_set, tmp_path):
 
 
 def test_a_second_run_in_the_same_folder_needs_resume(tiny_set, tmp_path):
-    train(_cfg(tiny_set, tmp_path / "run", "optim.epochs=1"))
+    train(tiny_config(tiny_set, tmp_path / "run", "optim.epochs=1"))
     with pytest.raises(TrainingError, match="--resume"):
-        train(_cfg(tiny_set, tmp_path / "run", "optim.epochs=1"))
+        train(tiny_config(tiny_set, tmp_path / "run", "optim.epochs=1"))
     with pytest.raises(TrainingError, match="no checkpoint"):
-        train(_cfg(tiny_set, tmp_path / "other"), resume=True)
+        train(tiny_config(tiny_set, tmp_path / "other"), resume=True)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_paths_run(tiny_set, tmp_path, precision):
-    result = train(_cfg(tiny_set, tmp_path / precision, f"train.precision={precision}", "optim.epochs=1"))
+    result = train(tiny_config(tiny_set, tmp_path / precision, f"train.precision={precision}", "optim.epochs=1"))
     assert result.steps == 2 and torch.isfinite(torch.tensor(result.last_loss))
     state = _final_state(tmp_path / precision)
     assert state["scaler"] != {} if precision == "fp16" else True
@@ -163,7 +148,7 @@ def test_run_folder_holds_config_provenance_and_logs(tiny_set, tmp_path):
 
     import yaml
 
-    train(_cfg(tiny_set, tmp_path / "run", "optim.epochs=1"))
+    train(tiny_config(tiny_set, tmp_path / "run", "optim.epochs=1"))
     run = tmp_path / "run"
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["data"]["manifest"] == tiny_set and saved["model"]["width"] == 4
@@ -175,10 +160,10 @@ def test_run_folder_holds_config_provenance_and_logs(tiny_set, tmp_path):
 
 
 def test_cma_starts_from_an_avid_checkpoint(tiny_set, tmp_path):
-    train(_cfg(tiny_set, tmp_path / "avid", "optim.epochs=1"))
+    train(tiny_config(tiny_set, tmp_path / "avid", "optim.epochs=1"))
     avid = _final_state(tmp_path / "avid")
     init = str(tmp_path / "avid" / "checkpoints" / "epoch_0001.pt")
-    result = train(_cfg(tiny_set, tmp_path / "cma", "loss.kind=cma", f"loss.init_from={init}", "loss.num_positives=2",
+    result = train(tiny_config(tiny_set, tmp_path / "cma", "loss.kind=cma", f"loss.init_from={init}", "loss.num_positives=2",
                         "loss.num_negatives=3", "loss.num_negatives_within=2", "optim.epochs=1"))
     assert result.steps == 2
     cma = _final_state(tmp_path / "cma")
@@ -222,7 +207,7 @@ def test_sigterm_mid_epoch_leaves_a_loadable_checkpoint(tiny_set, tmp_path):
     assert process.returncode == 143, output
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["epoch"] < 50 and "stopped at epoch" in output
-    resumed = train(_cfg(tiny_set, run, "optim.epochs=1" if state["epoch"] == 0 else f"optim.epochs={state['epoch'] + 1}"),
+    resumed = train(tiny_config(tiny_set, run, "optim.epochs=1" if state["epoch"] == 0 else f"optim.epochs={state['epoch'] + 1}"),
                     resume=True)
     assert not resumed.interrupted
 
@@ -247,26 +232,26 @@ def test_too_many_negatives_for_the_manifest_is_a_one_line_config_error(tiny_set
 def test_the_negatives_bound_is_the_samplers(tiny_set, tmp_path):
     from avidfast.losses import CMALoss
 
-    assert type(build_criterion(_cfg(tiny_set, tmp_path, "loss.num_negatives=6"), 8)).__name__ == "AVIDLoss"  # N - 2
+    assert type(build_criterion(tiny_config(tiny_set, tmp_path, "loss.num_negatives=6"), 8)).__name__ == "AVIDLoss"  # N - 2
     with pytest.raises(ConfigError, match=r"loss.num_negatives=7 does not fit .* 8 rows"):
-        build_criterion(_cfg(tiny_set, tmp_path, "loss.num_negatives=7"), 8)
+        build_criterion(tiny_config(tiny_set, tmp_path, "loss.num_negatives=7"), 8)
     # CMA: the P positives are excluded too, so K <= N - P - 2
     cma = ["loss.kind=cma", "loss.init_from=avid.pt", "loss.num_positives=2", "loss.num_negatives_within=2"]
-    _cfg(tiny_set, tmp_path, *cma, "loss.num_negatives=4").check_num_items(8)
+    tiny_config(tiny_set, tmp_path, *cma, "loss.num_negatives=4").check_num_items(8)
     CMALoss(8, num_negatives=4, num_negatives_within=2, num_positives=2)
     with pytest.raises(ConfigError, match=r"other than itself and its loss.num_positives=2 positives \(at most rows - "
                                           r"loss.num_positives - 2 = 4\); --set loss.num_negatives=4 or less \(or fewer "
                                           r"loss.num_positives\), or use a larger manifest$"):
-        _cfg(tiny_set, tmp_path, *cma, "loss.num_negatives=5").check_num_items(8)
+        tiny_config(tiny_set, tmp_path, *cma, "loss.num_negatives=5").check_num_items(8)
     with pytest.raises(ValueError):
         CMALoss(8, num_negatives=5, num_negatives_within=2, num_positives=2)
     with pytest.raises(ConfigError, match=r"2 rows.*\(none are left\); use a manifest of at least 3 rows$"):
-        _cfg(tiny_set, tmp_path, "loss.num_negatives=1").check_num_items(2)
+        tiny_config(tiny_set, tmp_path, "loss.num_negatives=1").check_num_items(2)
     with pytest.raises(ConfigError, match=r"\(none are left\); use a manifest of at least 35 rows, or --set "
                                           r"loss.num_positives=5 or less$"):
-        _cfg(tiny_set, tmp_path, "loss.kind=cma", "loss.init_from=avid.pt", "loss.num_negatives=1024").check_num_items(8)
+        tiny_config(tiny_set, tmp_path, "loss.kind=cma", "loss.init_from=avid.pt", "loss.num_negatives=1024").check_num_items(8)
     with pytest.raises(ConfigError, match=r"loss.num_negatives_within=5 must lie in \[1, loss.num_negatives = 4\]"):
-        _cfg(tiny_set, tmp_path, *cma, "loss.num_negatives=4", "loss.num_negatives_within=5")
+        tiny_config(tiny_set, tmp_path, *cma, "loss.num_negatives=4", "loss.num_negatives_within=5")
 
 
 def _free_port():
@@ -281,7 +266,7 @@ def _rank_worker(rank, world, port, manifest, out_dir, result_dir):
     import torch.distributed as dist
 
     try:
-        result = train(_cfg(manifest, out_dir, "optim.batch_size=2", "optim.epochs=1"), max_steps=2)
+        result = train(tiny_config(manifest, out_dir, "optim.batch_size=2", "optim.epochs=1"), max_steps=2)
         torch.save({k: v.clone() for k, v in result.criterion.state_dict().items()},
                    os.path.join(result_dir, f"rank{rank}.pt"))
     finally:
@@ -295,7 +280,7 @@ def test_two_processes_keep_identical_banks(tiny_set, tmp_path):
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
     assert int(ranks[0]["step"]) == 2
-    start = build_criterion(_cfg(tiny_set, tmp_path / "x"), 8).state_dict()
+    start = build_criterion(tiny_config(tiny_set, tmp_path / "x"), 8).state_dict()
     assert not torch.equal(start["video_memory.memory"], ranks[0]["video_memory.memory"])  # they were updated
 
 
@@ -353,21 +338,21 @@ def test_spectrogram_statistics_are_computed_once_beside_the_manifest_or_refused
     calls = []
     original = audio_stats.compute_stats
     monkeypatch.setattr(audio_stats, "compute_stats", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
-    train(_cfg(manifest, tmp_path / "first", "optim.epochs=1"))
+    train(tiny_config(manifest, tmp_path / "first", "optim.epochs=1"))
     assert calls == [1] and os.path.isfile(cache)
     assert SpectrogramStats.load(cache).mean.numel() == 129
     saved = yaml.safe_load((tmp_path / "first" / "config.yaml").read_text())
     assert saved["data"]["audio"]["stats"] == cache and saved["data"]["audio"]["normalize"] is True
-    train(_cfg(manifest, tmp_path / "second", "optim.epochs=1"))
+    train(tiny_config(manifest, tmp_path / "second", "optim.epochs=1"))
     assert calls == [1], "the cached statistics are reused"
-    plain = train(_cfg(manifest, tmp_path / "plain", "optim.epochs=1", "data.audio.normalize=false"))
+    plain = train(tiny_config(manifest, tmp_path / "plain", "optim.epochs=1", "data.audio.normalize=false"))
     assert plain.steps >= 1 and calls == [1]
     assert yaml.safe_load((tmp_path / "plain" / "config.yaml").read_text())["data"]["audio"]["stats"] is None
     with pytest.raises(ConfigError, match="data.audio.normalize is false but data.audio.stats=x.npz is set"):
-        _cfg(manifest, tmp_path / "x", "data.audio.normalize=false", "data.audio.stats=x.npz")
+        tiny_config(manifest, tmp_path / "x", "data.audio.normalize=false", "data.audio.stats=x.npz")
     # a cache that cannot be written (here a folder in its place): an error naming the command, nothing trained
     os.remove(cache)
     os.mkdir(cache)
     with pytest.raises(TrainingError, match=r"cannot be written: compute the statistics with `avidfast stats "):
-        train(_cfg(manifest, tmp_path / "refused", "optim.epochs=1"))
+        train(tiny_config(manifest, tmp_path / "refused", "optim.epochs=1"))
     assert calls == [1] and not (tmp_path / "refused" / "checkpoints").exists()

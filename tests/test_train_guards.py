@@ -22,28 +22,13 @@ import torch
 from avidfast.checkpoints import store as ckpt
 from avidfast.config import ConfigError, load_config
 from avidfast.data.manifest import manifest_fingerprint, read_manifest
-from avidfast.data.synthetic import make_dataset
 from avidfast.train import loop
 from avidfast.train.loop import TrainingError, train
 from avidfast.train.step import StepResult, TrainStep
+from tiny_training import TINY, tiny_config, tiny_set  # noqa: F401 - tiny_set is a fixture
 
-TINY = [
-    "model.width=4", "data.video.frames=4", "data.video.crop=32", "data.workers=0", "optim.batch_size=4",
-    "loss.num_negatives=4", "optim.epochs=2", "train.progress=false", "train.log_every=1",
-    "train.channels_last=false", "train.precision=fp32",
-]
 # epoch 2 runs at lr 1e-3 * 1e35: its first step blows the weights up, its second is NaN
 EXPLODES_IN_EPOCH_2 = ["optim.epochs=2", "optim.milestones=[1]", "optim.gamma=1e35"]
-
-
-@pytest.fixture(scope="module")
-def tiny_set(tmp_path_factory):
-    return make_dataset(str(tmp_path_factory.mktemp("set")), num_videos=8, num_classes=2, seconds=2.0, seed=1,
-                        size=(64, 48), workers=1)
-
-
-def _cfg(manifest, out_dir, *extra):
-    return load_config("demo", TINY + [f"data.manifest={manifest}", f"out_dir={out_dir}", *extra])
 
 
 def _cli(args, cwd=None):
@@ -103,14 +88,14 @@ def test_an_epoch_without_a_step_is_a_config_error_before_anything_is_written(ti
 
 
 def test_the_epoch_size_check_counts_the_processes(tiny_set, tmp_path):
-    cfg = _cfg(tiny_set, tmp_path)
+    cfg = tiny_config(tiny_set, tmp_path)
     assert cfg.check_epoch_size(8) == 2 and cfg.check_epoch_size(8, world_size=2) == 1
     assert cfg.check_epoch_size(7, world_size=2) == 1  # 4 clips per rank: the sampler pads by wrapping
     with pytest.raises(ConfigError, match=r"it reads the 6 rows of the manifest .* over 2 processes \(3 each\), fewer "
                                           r"than one batch of optim.batch_size=4 per process .*--set "
                                           r"optim.batch_size=3 or less, or --set optim.samples_per_epoch=8 or more$"):
         cfg.check_epoch_size(6, world_size=2)
-    spe = _cfg(tiny_set, tmp_path, "optim.samples_per_epoch=3")
+    spe = tiny_config(tiny_set, tmp_path, "optim.samples_per_epoch=3")
     with pytest.raises(ConfigError, match=r"it reads optim.samples_per_epoch=3, fewer than one batch"):
         spe.check_epoch_size(1000)
     with pytest.raises(ConfigError, match="optim.batch_size: expected an integer, got inf"):
@@ -169,15 +154,15 @@ def test_a_nan_first_step_stops_before_any_checkpoint(tiny_set, tmp_path, monkey
     with pytest.raises(TrainingError, match=r"^non-finite loss \(nan\) and gradients on rank 0 at step 1 \(epoch 1, "
                                             r"batch 1\): the step was not applied and nothing was saved after it; no "
                                             r"checkpoint was written before it; .*train.non_finite=skip"):
-        train(_cfg(tiny_set, tmp_path / "run"))
+        train(tiny_config(tiny_set, tmp_path / "run"))
     assert _digests(tmp_path / "run") == {}
 
 
 def test_skipped_steps_change_nothing_and_are_counted(tiny_set, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "TrainStep", _PoisonedStep)
-    skipped = train(_cfg(tiny_set, tmp_path / "skip", "train.non_finite=skip"))
+    skipped = train(tiny_config(tiny_set, tmp_path / "skip", "train.non_finite=skip"))
     monkeypatch.setattr(loop, "TrainStep", _NoOpStep)
-    reference = train(_cfg(tiny_set, tmp_path / "noop", "train.non_finite=skip"))
+    reference = train(tiny_config(tiny_set, tmp_path / "noop", "train.non_finite=skip"))
     assert skipped.steps == reference.steps == 3 and skipped.epochs_done == 2 and skipped.skipped_steps == 1
     a, b = (ckpt.load_checkpoint(str(tmp_path / name / "checkpoints" / "last.pt")) for name in ("skip", "noop"))
     assert a["skipped_steps"] == b["skipped_steps"] == 1
@@ -198,7 +183,7 @@ def test_skipping_is_bounded(tiny_set, tmp_path, monkeypatch):
     with pytest.raises(TrainingError, match=r"at step 2 \(epoch 2, batch 2\): 3 steps in a row were not finite \(more "
                                             r"than train.max_skipped_steps=2\); nothing was saved after them; the last "
                                             r"checkpoint, .*last.pt \(end of epoch 1\), is kept as it was"):
-        train(_cfg(tiny_set, tmp_path / "run", "train.non_finite=skip", "train.max_skipped_steps=2"))
+        train(tiny_config(tiny_set, tmp_path / "run", "train.non_finite=skip", "train.max_skipped_steps=2"))
 
 
 def test_an_epoch_of_skipped_steps_is_not_finished(tiny_set, tmp_path, monkeypatch):
@@ -206,7 +191,7 @@ def test_an_epoch_of_skipped_steps_is_not_finished(tiny_set, tmp_path, monkeypat
     monkeypatch.setattr(loop, "TrainStep", _PoisonedStep)
     with pytest.raises(TrainingError, match=r"^no step of epoch 2 was finite \(2 skipped\), so its checkpoint was not "
                                             r"written; the last checkpoint, .*last.pt \(end of epoch 1\), is kept"):
-        train(_cfg(tiny_set, tmp_path / "run", "train.non_finite=skip"))
+        train(tiny_config(tiny_set, tmp_path / "run", "train.non_finite=skip"))
     assert ckpt.load_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.pt"))["epoch"] == 1
 
 
@@ -225,12 +210,12 @@ def test_no_checkpoint_is_written_from_a_non_finite_state(tiny_set, tmp_path, mo
     monkeypatch.setattr(loop, "TrainStep", BreaksTheWeights)
     with pytest.raises(TrainingError, match=r"^the state at end of epoch 1 holds NaN / inf values \(model\.\S+\), so "
                                             r"no checkpoint was written; no checkpoint was written before it"):
-        train(_cfg(tiny_set, tmp_path / "run", "optim.epochs=1"))
+        train(tiny_config(tiny_set, tmp_path / "run", "optim.epochs=1"))
     assert _digests(tmp_path / "run") == {}
 
 
 def test_resume_and_init_from_refuse_a_non_finite_checkpoint(tiny_set, tmp_path):
-    train(_cfg(tiny_set, tmp_path / "run", "optim.epochs=1"))
+    train(tiny_config(tiny_set, tmp_path / "run", "optim.epochs=1"))
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     state = ckpt.load_checkpoint(str(last))
     state["criterion"]["Z"][0] = float("nan")
@@ -245,7 +230,7 @@ def test_resume_and_init_from_refuse_a_non_finite_checkpoint(tiny_set, tmp_path)
            "loss.num_negatives_within=2"]
     with pytest.raises(TrainingError, match=r"loss.init_from .*last.pt: holds NaN / inf values \(criterion.Z\); "
                                             r"training cannot start from it"):
-        train(_cfg(tiny_set, tmp_path / "cma", *cma))
+        train(tiny_config(tiny_set, tmp_path / "cma", *cma))
     assert not (tmp_path / "cma").exists()
 
 
@@ -275,22 +260,22 @@ def test_resume_refuses_another_manifest(tiny_set, tmp_path):
                        "stand for another video; pass the run's manifest, or --set "
                        "train.allow_manifest_change=true to continue anyway")
     assert _digests(run) == before
-    resumed = train(_cfg(other, run, "train.allow_manifest_change=true"), resume=True)
+    resumed = train(tiny_config(other, run, "train.allow_manifest_change=true"), resume=True)
     assert resumed.steps == 2
     meta = ckpt.load_checkpoint(str(run / "checkpoints" / "last.pt"))["meta"]["manifest"]
     assert meta["path"] == other and meta["rows"] == 8  # the slots now mean the rows of the accepted manifest
 
 
 def test_init_from_refuses_an_avid_run_of_another_manifest(tiny_set, tmp_path):
-    train(_cfg(tiny_set, tmp_path / "avid", "optim.epochs=1"))
+    train(tiny_config(tiny_set, tmp_path / "avid", "optim.epochs=1"))
     init = str(tmp_path / "avid" / "checkpoints" / "last.pt")
     cma = ["loss.kind=cma", f"loss.init_from={init}", "loss.num_positives=2", "loss.num_negatives=3",
            "loss.num_negatives_within=2", "optim.epochs=1"]
     with pytest.raises(TrainingError, match=r"^loss.init_from .*last.pt: it was trained on the manifest .* so memory "
                                             r"slot i would stand for another video"):
-        train(_cfg(_reversed_manifest(tiny_set), tmp_path / "cma", *cma))
+        train(tiny_config(_reversed_manifest(tiny_set), tmp_path / "cma", *cma))
     assert not (tmp_path / "cma").exists()
-    assert train(_cfg(tiny_set, tmp_path / "cma", *cma)).steps == 2
+    assert train(tiny_config(tiny_set, tmp_path / "cma", *cma)).steps == 2
 
 
 # 5. the training manifest is found again
